@@ -1,0 +1,87 @@
+"""Multi-head attention over the LARNN window: positional encoding and the per-head arithmetic.
+
+Shapes: batch ``B`` (any number of leading axes), window ``k``, features ``H``, heads ``n``,
+head size ``d_k = H / n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positional_encoding(window_size: int) -> np.ndarray:
+    """The LARNN positional encoding of the window (SPEC §1), as in the paper's Fig. 4.
+
+    Row ``p - 1`` encodes position ``p`` (1 = the most recent entry, ``k`` = the oldest). With
+    ``b = ceil(log2(4k))``, a row is ``[cos(2πp/2^i) for i = 1..b] ++ [sin(2πp/2^i) for
+    i = 2..b+1]``: wavelengths are powers of two, the longest at least four times the window.
+
+    Args:
+      window_size: ``k >= 1``.
+
+    Returns:
+      ``(k, 2b)`` float32 array.
+    """
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    num_wavelengths = (4 * window_size - 1).bit_length()  # ceil(log2(4k)) without float error
+    position = np.arange(1, window_size + 1, dtype=np.float64)[:, None]
+    exponent = np.arange(1, num_wavelengths + 1, dtype=np.float64)[None, :]
+    cosines = np.cos(2 * np.pi * position / 2.0**exponent)
+    sines = np.sin(2 * np.pi * position / 2.0 ** (exponent + 1))
+    return np.concatenate([cosines, sines], axis=1).astype(np.float32)
+
+
+def positional_encoding_size(window_size: int) -> int:
+    """Number of features ``2b`` of :func:`positional_encoding` for a window of ``window_size``."""
+    return 2 * (4 * window_size - 1).bit_length()
+
+
+def head_indicator(features: int, num_heads: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """``(H, n)`` 0/1 matrix whose column ``h`` marks the features of head ``h``.
+
+    ``x @ M`` sums each head's features and ``w @ M.T`` spreads per-head weights over their
+    features. On XLA:CPU these products are much faster than reshaping to ``(..., n, d_k)`` when
+    ``d_k`` is tiny (SPEC §2b).
+    """
+    head_of_feature = np.arange(features) // (features // num_heads)
+    return jnp.asarray(head_of_feature[:, None] == np.arange(num_heads)[None, :], dtype=dtype)
+
+
+def window_attention(
+    query: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    heads: jax.Array,
+    weights_dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Scaled dot-product attention of one query per sample over its window, per head.
+
+    Args:
+      query: ``(B, H)``.
+      keys: ``(B, k, H)``.
+      values: ``(B, k, H)``.
+      mask: ``(B, k)`` boolean, true for valid window entries (at least one per sample).
+      heads: ``(H, n)`` from :func:`head_indicator`.
+      weights_dropout: applied to the attention weights ``(B, k, n)`` after the softmax.
+
+    Returns:
+      ``context``, ``(B, H)``: for each head, ``Σ_j α_j V_j`` over its features; and
+      ``weight_total``, ``(B, H)``: ``Σ_j α_j`` of each feature's head (one, unless dropout
+      rescaled the weights). Callers that normalise values with an affine map ``V = E·s + t``
+      recover ``Σ_j α_j V_j = context·s + weight_total·t`` from the raw ``E``.
+    """
+    head_size = query.shape[-1] // heads.shape[-1]
+    scores = (query[..., None, :] * keys) @ heads / jnp.sqrt(head_size).astype(keys.dtype)
+    scores = jnp.where(mask[..., None], scores.astype(jnp.float32), -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-2).astype(values.dtype)  # (B, k, n)
+    if weights_dropout is not None:
+        weights = weights_dropout(weights)
+    context = jnp.sum((weights @ heads.T) * values, axis=-2)
+    weight_total = jnp.sum(weights, axis=-2) @ heads.T
+    return context, weight_total

@@ -1,0 +1,157 @@
+"""Feature normalisation for the recurrent cells: batch, layer or none, with masking.
+
+The cells normalise small ``(..., F)`` tensors at every time step (SPEC §1): the gate
+pre-activation, the cell state, the output, the attention result, and - with masking - the
+window's keys and values. One module, :class:`FeatureNorm`, does all of it, so that every norm
+follows the same conventions:
+
+* ``'batch'``: statistics over every axis but the last, restricted to the entries where ``mask``
+  is true; biased variance; running averages ``r ← momentum · r + (1 − momentum) · batch`` in the
+  ``batch_stats`` collection, updated once per call (never during ``init``).
+* ``'layer'``: statistics over the last axis of each entry (no running averages).
+* ``'none'``: the identity, with no parameters.
+
+Statistics are always computed in float32, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Dtype
+
+NormKind = Literal["batch", "layer", "none"]
+NORM_KINDS: tuple[str, ...] = ("batch", "layer", "none")
+
+MISSING_STATISTICS = (
+    "norm='batch' found no 'batch_stats' collection here. Inside a scan (nn.RNN, nn.scan) the "
+    "statistics must travel with the loop: use larnn_jax.LARNNLayer, which sets this up, or "
+    "nn.RNN(cell, variable_carry='batch_stats', split_rngs={'params': False, 'dropout': True}) "
+    "in training (apply with mutable=['batch_stats']) and "
+    "nn.RNN(cell, variable_broadcast=('params', 'batch_stats')) in evaluation. Outside a scan, "
+    "pass the variables returned by init (they include 'batch_stats'). Or use norm='layer' or "
+    "norm='none', which keep no statistics."
+)
+
+
+def check_norm_kind(norm: str) -> None:
+    """Raises ``ValueError`` naming ``norm`` unless it is one of :data:`NORM_KINDS`."""
+    if norm not in NORM_KINDS:
+        raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+
+
+class FeatureNorm(nn.Module):
+    """Normalises the last axis of its input: ``y = (x − μ) / sqrt(σ² + ε) · scale + bias``.
+
+    Attributes:
+      kind: ``'batch'``, ``'layer'`` or ``'none'`` (see the module docstring).
+      features: size ``F`` of the last axis.
+      momentum: decay of the running averages (``'batch'`` only).
+      epsilon: added to the variance.
+      use_bias: learn a shift (the bias); without it the result is centred at zero.
+      dtype: dtype of the result (the input's dtype when ``None``).
+      param_dtype: dtype of the scale and bias.
+    """
+
+    kind: NormKind
+    features: int
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        check_norm_kind(self.kind)
+        if self.kind == "none":
+            return
+        shape = (self.features,)
+        self.scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        if self.use_bias:
+            self.bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        if self.kind == "batch":
+            if not (
+                self.has_variable("batch_stats", "mean")
+                or self.is_mutable_collection("batch_stats")
+            ):
+                raise ValueError(MISSING_STATISTICS)
+            self.mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+            self.var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+
+    def create_variables(self) -> None:
+        """Creates the parameters and statistics now (they are otherwise created on first use).
+
+        Recurrent cells call this from ``initialize_carry`` so that the ``batch_stats`` collection
+        exists before a scan that carries it starts (SPEC §2b).
+        """
+        if self.kind != "none":
+            _ = self.scale
+
+    def scale_and_shift(
+        self, x: jax.Array, mask: jax.Array | None = None, *, use_running_average: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """Batch norm as an affine map: ``BN(x) == x * scale + shift``.
+
+        Lets a caller fold the normalisation into a neighbouring linear operation instead of
+        normalising ``x`` itself (the LARNN window, SPEC §2).
+
+        Args:
+          x: ``(..., F)`` the values whose statistics are taken.
+          mask: boolean, broadcastable to ``x.shape[:-1]``; only entries where it is true count.
+            Every feature must have at least one valid entry.
+          use_running_average: use the running averages instead of the statistics of ``x``
+            (and leave them unchanged).
+
+        Returns:
+          ``scale`` and ``shift``, both ``(F,)`` float32.
+        """
+        if self.kind != "batch":
+            raise ValueError(f"scale_and_shift is for norm='batch', this norm is {self.kind!r}")
+        if use_running_average:
+            mean, var = self.mean.value, self.var.value
+        else:
+            mean, var = _masked_moments(x.astype(jnp.float32), mask, axes=tuple(range(x.ndim - 1)))
+            if not self.is_initializing():
+                self.mean.value = self.momentum * self.mean.value + (1 - self.momentum) * mean
+                self.var.value = self.momentum * self.var.value + (1 - self.momentum) * var
+        scale = self.scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        return scale, self._shift() - mean * scale
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, *, use_running_average: bool
+    ) -> jax.Array:
+        """Normalises ``x`` of shape ``(..., F)``; see :meth:`scale_and_shift` for the arguments."""
+        dtype = self.dtype or x.dtype
+        if self.kind == "none":
+            return x.astype(dtype)
+        if self.kind == "batch":
+            scale, shift = self.scale_and_shift(x, mask, use_running_average=use_running_average)
+            return (x.astype(jnp.float32) * scale + shift).astype(dtype)
+        mean, var = _masked_moments(x.astype(jnp.float32), None, axes=(-1,))
+        normalised = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (normalised * self.scale + self._shift()).astype(dtype)
+
+    def _shift(self) -> jax.Array:
+        return self.bias.astype(jnp.float32) if self.use_bias else jnp.zeros((), jnp.float32)
+
+
+def _masked_moments(
+    x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance of ``x`` over ``axes``, counting only entries where ``mask``.
+
+    ``mask`` (boolean, broadcastable to ``x.shape[:-1]``) selects whole entries of the last axis.
+    Results keep the reduced axes only when they include the last one (layer statistics).
+    """
+    keepdims = (x.ndim - 1) in {a % x.ndim for a in axes}
+    if mask is None:
+        mean = jnp.mean(x, axis=axes, keepdims=keepdims)
+        return mean, jnp.mean(jnp.square(x - mean), axis=axes, keepdims=keepdims)
+    weight = jnp.broadcast_to(mask, x.shape[:-1])[..., None].astype(x.dtype)
+    count = jnp.sum(jnp.broadcast_to(weight, x.shape), axis=axes, keepdims=keepdims)
+    mean = jnp.sum(x * weight, axis=axes, keepdims=keepdims) / count
+    var = jnp.sum(jnp.square(x - mean) * weight, axis=axes, keepdims=keepdims) / count
+    return mean, var
