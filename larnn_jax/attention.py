@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def positional_encoding(window_size: int) -> np.ndarray:
+def positional_encoding(window_size: int, dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
     """The LARNN positional encoding of the window (SPEC §1), as in the paper's Fig. 4.
 
     Row ``p - 1`` encodes position ``p`` (1 = the most recent entry, ``k`` = the oldest). With
@@ -22,9 +22,10 @@ def positional_encoding(window_size: int) -> np.ndarray:
 
     Args:
       window_size: ``k >= 1``.
+      dtype: dtype of the result (computed in float64).
 
     Returns:
-      ``(k, 2b)`` float32 array.
+      ``(k, 2b)`` array.
     """
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, got {window_size}")
@@ -33,7 +34,7 @@ def positional_encoding(window_size: int) -> np.ndarray:
     exponent = np.arange(1, num_wavelengths + 1, dtype=np.float64)[None, :]
     cosines = np.cos(2 * np.pi * position / 2.0**exponent)
     sines = np.sin(2 * np.pi * position / 2.0 ** (exponent + 1))
-    return np.concatenate([cosines, sines], axis=1).astype(np.float32)
+    return np.concatenate([cosines, sines], axis=1).astype(dtype)
 
 
 def positional_encoding_size(window_size: int) -> int:
@@ -78,7 +79,8 @@ def window_attention(
     """
     head_size = query.shape[-1] // heads.shape[-1]
     scores = (query[..., None, :] * keys) @ heads / jnp.sqrt(head_size).astype(keys.dtype)
-    scores = jnp.where(mask[..., None], scores.astype(jnp.float32), -jnp.inf)
+    softmax_dtype = jnp.result_type(jnp.float32, scores.dtype)  # float32 or wider
+    scores = jnp.where(mask[..., None], scores.astype(softmax_dtype), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-2).astype(values.dtype)  # (B, k, n)
     if weights_dropout is not None:
         weights = weights_dropout(weights)

@@ -166,7 +166,8 @@ class BNLSTMCell(nn.RNNCellBase):
     ) -> tuple[jax.Array, jax.Array]:
         """Zero ``(c, h)`` for inputs of shape ``(*batch, D)``; creates the norm statistics."""
         del rng
-        self.update.create_variables()
+        if self.scope is not None:  # bound (inside init/apply): make the statistics exist
+            self.update.create_variables()
         zeros = jnp.zeros(
             (*input_shape[:-1], self.features), _carry_dtype(self.dtype, self.param_dtype)
         )
@@ -204,7 +205,7 @@ class LARNNCell(nn.RNNCellBase):
       deterministic: ``True``: running averages and no dropout (evaluation); ``False``: batch
         statistics (updating ``batch_stats``) and dropout (rng stream ``'dropout'``).
       dtype: compute dtype (``None``: from the inputs and parameters); statistics and softmax are
-        always computed in float32.
+        computed in float32 or wider.
       param_dtype: parameter dtype.
     """
 
@@ -289,9 +290,10 @@ class LARNNCell(nn.RNNCellBase):
         them (SPEC §2b). To start from another ``c_{-1}``, replace ``c`` in the result.
         """
         del rng
-        for norm in (self.key_norm, self.value_norm, self.attention_norm):
-            norm.create_variables()
-        self.update.create_variables()
+        if self.scope is not None:  # bound (inside init/apply): make the statistics exist
+            for norm in (self.key_norm, self.value_norm, self.attention_norm):
+                norm.create_variables()
+            self.update.create_variables()
         batch = tuple(input_shape[:-1])
         dtype = _carry_dtype(self.dtype, self.param_dtype)
         state = jnp.zeros((*batch, self.features), dtype)
@@ -318,7 +320,10 @@ class LARNNCell(nn.RNNCellBase):
         """
         if position is None:
             return stored
-        pre_activation = stored + position(jnp.asarray(positional_encoding(self.window_size)))
+        table = positional_encoding(
+            self.window_size, jnp.result_type(stored.dtype, self.param_dtype)
+        )
+        pre_activation = stored + position(jnp.asarray(table))
         return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
 
     def attend(

@@ -11,7 +11,8 @@ follows the same conventions:
 * ``'layer'``: statistics over the last axis of each entry (no running averages).
 * ``'none'``: the identity, with no parameters.
 
-Statistics are always computed in float32, whatever the compute dtype.
+Statistics are computed in float32 or wider (float64 inputs keep float64), whatever the compute
+dtype, and kept in ``promote_types(float32, param_dtype)``.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class FeatureNorm(nn.Module):
                 or self.is_mutable_collection("batch_stats")
             ):
                 raise ValueError(MISSING_STATISTICS)
-            self.mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
-            self.var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+            stats_dtype = jnp.promote_types(jnp.float32, self.param_dtype)
+            self.mean = self.variable("batch_stats", "mean", jnp.zeros, shape, stats_dtype)
+            self.var = self.variable("batch_stats", "var", jnp.ones, shape, stats_dtype)
 
     def create_variables(self) -> None:
         """Creates the parameters and statistics now (they are otherwise created on first use).
@@ -106,19 +108,25 @@ class FeatureNorm(nn.Module):
             (and leave them unchanged).
 
         Returns:
-          ``scale`` and ``shift``, both ``(F,)`` float32.
+          ``scale`` and ``shift``, both ``(F,)`` in :func:`statistics_dtype`.
         """
         if self.kind != "batch":
             raise ValueError(f"scale_and_shift is for norm='batch', this norm is {self.kind!r}")
+        dtype = statistics_dtype(x.dtype, self.param_dtype)
         if use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean.value.astype(dtype), self.var.value.astype(dtype)
         else:
-            mean, var = _masked_moments(x.astype(jnp.float32), mask, axes=tuple(range(x.ndim - 1)))
+            mean, var = _masked_moments(x.astype(dtype), mask, axes=tuple(range(x.ndim - 1)))
             if not self.is_initializing():
-                self.mean.value = self.momentum * self.mean.value + (1 - self.momentum) * mean
-                self.var.value = self.momentum * self.var.value + (1 - self.momentum) * var
-        scale = self.scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        return scale, self._shift() - mean * scale
+                decay = self.momentum
+                self.mean.value = (decay * self.mean.value + (1 - decay) * mean).astype(
+                    self.mean.value.dtype
+                )
+                self.var.value = (decay * self.var.value + (1 - decay) * var).astype(
+                    self.var.value.dtype
+                )
+        scale = self.scale.astype(dtype) * jax.lax.rsqrt(var + self.epsilon)
+        return scale, self._shift(dtype) - mean * scale
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, *, use_running_average: bool
@@ -127,15 +135,23 @@ class FeatureNorm(nn.Module):
         dtype = self.dtype or x.dtype
         if self.kind == "none":
             return x.astype(dtype)
+        stats_dtype = statistics_dtype(x.dtype, self.param_dtype)
         if self.kind == "batch":
             scale, shift = self.scale_and_shift(x, mask, use_running_average=use_running_average)
-            return (x.astype(jnp.float32) * scale + shift).astype(dtype)
-        mean, var = _masked_moments(x.astype(jnp.float32), None, axes=(-1,))
-        normalised = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (normalised * self.scale + self._shift()).astype(dtype)
+            return (x.astype(stats_dtype) * scale + shift).astype(dtype)
+        mean, var = _masked_moments(x.astype(stats_dtype), None, axes=(-1,))
+        normalised = (x.astype(stats_dtype) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (normalised * self.scale.astype(stats_dtype) + self._shift(stats_dtype)).astype(
+            dtype
+        )
 
-    def _shift(self) -> jax.Array:
-        return self.bias.astype(jnp.float32) if self.use_bias else jnp.zeros((), jnp.float32)
+    def _shift(self, dtype: jnp.dtype) -> jax.Array:
+        return self.bias.astype(dtype) if self.use_bias else jnp.zeros((), dtype)
+
+
+def statistics_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
+    """float32, or wider where one of ``dtypes`` is wider (float64 stays float64)."""
+    return jnp.result_type(jnp.float32, *dtypes)
 
 
 def _masked_moments(
@@ -145,13 +161,23 @@ def _masked_moments(
 
     ``mask`` (boolean, broadcastable to ``x.shape[:-1]``) selects whole entries of the last axis.
     Results keep the reduced axes only when they include the last one (layer statistics).
+
+    With a mask (the ``(B, k, H)`` window at every time step) both moments come from one pass
+    over ``x``: sums of ``d`` and ``d²`` for ``d = x − s``. The shift ``s`` (the first entry, the
+    newest of sample 0 for the window) leaves the result unchanged in exact arithmetic and keeps
+    ``E[d²] − E[d]²`` from cancelling when the spread is tiny next to the mean (for example at
+    step 0, when every sample's single window entry is the same).
     """
     keepdims = (x.ndim - 1) in {a % x.ndim for a in axes}
     if mask is None:
         mean = jnp.mean(x, axis=axes, keepdims=keepdims)
         return mean, jnp.mean(jnp.square(x - mean), axis=axes, keepdims=keepdims)
+    shift = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
+    deviation = x - shift
     weight = jnp.broadcast_to(mask, x.shape[:-1])[..., None].astype(x.dtype)
     count = jnp.sum(jnp.broadcast_to(weight, x.shape), axis=axes, keepdims=keepdims)
-    mean = jnp.sum(x * weight, axis=axes, keepdims=keepdims) / count
-    var = jnp.sum(jnp.square(x - mean) * weight, axis=axes, keepdims=keepdims) / count
-    return mean, var
+    weighted = deviation * weight
+    mean_deviation = jnp.sum(weighted, axis=axes, keepdims=keepdims) / count
+    mean_square = jnp.sum(weighted * deviation, axis=axes, keepdims=keepdims) / count
+    variance = jnp.maximum(mean_square - jnp.square(mean_deviation), 0.0)
+    return shift + mean_deviation, variance
