@@ -114,13 +114,26 @@ def _check_common(features: int, dropout_rates: dict[str, float]) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {rate}")
 
 
-def _check_input(x: jax.Array, h: jax.Array, cell: str) -> None:
+def _check_input(x: jax.Array, h: jax.Array, input_projection: nn.Dense, other: int) -> None:
+    """Checks a step's input ``x`` ``(B, D)`` against the carry ``h`` ``(B, H)`` and the weights.
+
+    ``input_projection`` is the first dense layer that reads ``x``, with ``other`` more input
+    features after ``x``'s; once it has weights they fix ``D``.
+    """
+    cell = type(input_projection.parent).__name__
     if x.ndim != h.ndim or x.shape[:-1] != h.shape[:-1]:
         raise ValueError(
             f"{cell}: input of shape {x.shape} does not match the carry's batch shape "
             f"{h.shape[:-1]}; a step takes x of shape (*batch, features) - for whole sequences "
             "(batch, time, features) use LARNNLayer or nn.RNN"
         )
+    if input_projection.has_variable("params", "kernel"):
+        expected = input_projection.variables["params"]["kernel"].shape[0] - other
+        if x.shape[-1] != expected:
+            raise ValueError(
+                f"{cell}: input has {x.shape[-1]} features (shape {x.shape}) but the parameters "
+                f"were initialised for {expected}"
+            )
 
 
 class BNLSTMCell(nn.RNNCellBase):
@@ -155,7 +168,7 @@ class BNLSTMCell(nn.RNNCellBase):
     ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         """One step. ``carry = (c, h)``, each ``(B, H)``; ``x``: ``(B, D)``. Returns ``(c, h), h``."""
         c_prev, h_prev = carry
-        _check_input(x, h_prev, "BNLSTMCell")
+        _check_input(x, h_prev, self.input_gates, other=0)
         z = self.input_gates(x) + self.hidden_gates(h_prev)
         c, h = self.update(z, c_prev)
         dtype = c_prev.dtype
@@ -379,7 +392,7 @@ class LARNNCell(nn.RNNCellBase):
         Returns:
           The carry after step ``t`` and the output ``h_t``, ``(B, H)``.
         """
-        _check_input(x, carry.h, "LARNNCell")
+        _check_input(x, carry.h, self.query, other=self.features)
         # Push c_{t-1}: project it once (after key/value dropout) and put it in front.
         entering = _dropout(self, self.kv_dropout_rate, carry.c, self.deterministic)
         keys = jnp.concatenate(
