@@ -1,0 +1,61 @@
+"""Draws the LARNN positional encoding (SPEC §1) like the paper's Fig. 4.
+
+python -m experiments.plot_positional_encoding --window 128 --out docs/positional_encoding.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from larnn_jax import positional_encoding
+
+
+def plot(window_size: int, out: pathlib.Path) -> pathlib.Path:
+    """Writes a heat map of ``positional_encoding(window_size)`` (positions × features) to ``out``."""
+    table = positional_encoding(window_size)  # (k, 2b)
+    figure, axes = plt.subplots(figsize=(10, 4))
+    image = axes.imshow(
+        table.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest"
+    )
+    half = table.shape[1] // 2
+    axes.axhline(half - 0.5, color="black", linewidth=0.8)
+    axes.set_yticks([half / 2 - 0.5, half + half / 2 - 0.5], ["cos", "sin"])
+    axes.set_xlabel(f"window position p (1 = most recent … {window_size} = oldest)")
+    axes.set_xticks(range(0, window_size, max(1, window_size // 8)))
+    axes.set_xticklabels([str(p + 1) for p in range(0, window_size, max(1, window_size // 8))])
+    axes.set_title(
+        f"LARNN positional encoding, window k = {window_size}: {table.shape[1]} features"
+    )
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--window", type=int, default=128, help="window size k (default 128, as Fig. 4)"
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("docs/positional_encoding.png"),
+        help="PNG to write",
+    )
+    args = parser.parse_args(argv)
+    print(plot(args.window, args.out))
+
+
+if __name__ == "__main__":
+    main()
