@@ -1,0 +1,316 @@
+"""Checkpoints of a training run: Orbax-managed, verified on restore, safe against crashes.
+
+Layout of a checkpoint folder (``OUT/checkpoints``), one sub-folder per completed epoch::
+
+    OUT/checkpoints/
+        <epoch>/                 the state after that many epochs (1, 2, ...)
+            state/               Orbax StandardSave of {"params", "batch_stats", "opt_state", "rng"}
+            meta/metadata        JSON written by the caller (training: epoch, config, metrics
+                                 history, test predictions of the selected epoch so far)
+            metrics/metrics      JSON written by Orbax: {"selection_score": float}
+            _CHECKPOINT_METADATA, commit_success.txt     Orbax's own bookkeeping
+            sha256sums.json      written last: size and SHA-256 of every other file
+        quarantine/<epoch>-<time>/   corrupted or incomplete checkpoints moved out of the way
+
+Orbax writes each step into a temporary folder and renames it when complete; this module then
+writes ``sha256sums.json``. A step folder without that file was interrupted while saving, and a
+file that is missing or whose size or digest differs was damaged afterwards; either way the step
+is "bad". Bad steps are found when the store is opened, logged as a warning that names the step,
+and skipped (read-only stores) or moved to ``quarantine/`` (writable stores, so that training can
+save that epoch again): the latest good step is then an older one. A step that passes verification
+but does not fit the model it is restored into is an error, not a reason to fall back.
+
+Retention: the 3 latest steps and the step with the best selection score (validation accuracy,
+see :func:`experiments.report.selection_score`; ties go to the later step).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "sha256sums.json"
+QUARANTINE_DIR = "quarantine"
+STATE_ITEM = "state"
+META_ITEM = "meta"
+SCORE_KEY = "selection_score"
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder holds no usable checkpoint, or a requested step is unusable."""
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            yield path
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+    """Records size and SHA-256 of every file of a finished step in ``step_dir/sha256sums.json``.
+
+    Written to a temporary name, flushed to disk and renamed, so the manifest itself is either
+    complete or absent.
+    """
+    files = {
+        path.relative_to(step_dir).as_posix(): {
+            "size": path.stat().st_size,
+            "sha256": _file_digest(path),
+        }
+        for path in _step_files(step_dir)
+    }
+    tmp = step_dir / (MANIFEST_NAME + ".tmp")
+    with tmp.open("w") as f:
+        json.dump({"files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST_NAME)
+
+
+def verify_step(step_dir: pathlib.Path) -> str | None:
+    """Checks a step folder against its manifest.
+
+    Returns:
+        ``None`` when every file listed in the manifest is present with the recorded size and
+        SHA-256, otherwise a sentence describing the first problem found.
+    """
+    manifest_path = step_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"it has no {MANIFEST_NAME}, so its save never completed"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST_NAME} is unreadable ({err})"
+    for name, expected in sorted(files.items()):
+        path = step_dir / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"file {name} has {size} bytes instead of {expected['size']} (truncated?)"
+        if _file_digest(path) != expected["sha256"]:
+            return f"file {name} does not match its recorded SHA-256"
+    return None
+
+
+def abstract_tree(tree: PyTree) -> PyTree:
+    """The shapes and dtypes of ``tree`` (``jax.ShapeDtypeStruct`` leaves): a restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class CheckpointStore:
+    """One run's checkpoints: save every epoch, restore the latest good one.
+
+    Args:
+        directory: the checkpoint folder (``OUT/checkpoints``); created when writable.
+        keep_latest: how many of the most recent steps to keep (besides the best one).
+        read_only: open for restoring only: nothing is written, moved or deleted.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self, directory: os.PathLike | str, *, keep_latest: int = 3, read_only: bool = False
+    ):
+        self.directory = pathlib.Path(directory).absolute()
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {self.directory}")
+        self.bad_steps: dict[int, str] = {}
+        if self.directory.is_dir():
+            self._set_aside_bad_steps()
+        preservation = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(n=keep_latest),
+                checkpoint_managers.BestN(
+                    get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            # best_fn makes Orbax write each step's metrics so that BestN still knows them after
+            # a restart; retention itself is the preservation policy.
+            best_fn=_score,
+            best_mode="max",
+            preservation_policy=preservation,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
+            create=not read_only,
+            # Read-only stores may hold bad steps whose metrics Orbax would fail to parse.
+            lightweight_initialize=read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
+        )
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for pending work and releases Orbax's resources."""
+        self._manager.close()
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        """The folder of checkpoint ``step`` (whether or not it exists)."""
+        return self.directory / str(step)
+
+    def steps(self) -> list[int]:
+        """The steps that passed verification, oldest first."""
+        return sorted(set(self._manager.all_steps()) - set(self.bad_steps))
+
+    def save(self, step: int, state: PyTree, meta: dict[str, Any], selection_score: float) -> None:
+        """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON-serialisable) as ``step``.
+
+        Synchronous: when this returns, the step is on disk with its manifest, and steps that
+        fell out of the retention policy are deleted.
+        """
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+            ),
+            metrics={SCORE_KEY: float(selection_score)},
+        )
+        self._manager.wait_until_finished()
+        write_manifest(self.step_dir(step))
+
+    def restore(
+        self,
+        step: int,
+        target: PyTree | None = None,
+        *,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[PyTree | None, dict[str, Any]]:
+        """Restores one step.
+
+        Args:
+            step: the step to restore.
+            target: a pytree with the structure, shapes and dtypes of the saved state (arrays or
+                ``jax.ShapeDtypeStruct``); ``None`` to read the metadata only.
+            check_meta: called with the metadata before the state is read (e.g. to compare the
+                saved config with the current one); its exceptions propagate.
+
+        Returns:
+            ``(state, meta)``; ``state`` is ``None`` when ``target`` is.
+
+        Raises:
+            CheckpointError: the step is absent or bad, or its files passed verification but do
+                not fit ``target`` (a checkpoint written for another model or code version).
+        """
+        if step in self.bad_steps:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is unusable: {self.bad_steps[step]}"
+            )
+        if step not in self.steps():
+            raise CheckpointError(
+                f"no checkpoint step {step} in {self.directory} (available: {self.steps()})"
+            )
+        meta = self._restore_item(step, META_ITEM, ocp.args.JsonRestore())
+        if check_meta is not None:
+            check_meta(meta)
+        if target is None:
+            return None, meta
+        state = self._restore_item(
+            step, STATE_ITEM, ocp.args.StandardRestore(abstract_tree(target))
+        )
+        return state, meta
+
+    def latest_step(self) -> int | None:
+        """The most recent good step (bad ones were skipped when the store was opened)."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def _restore_item(self, step: int, name: str, args: ocp.args.CheckpointArgs) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        except Exception as err:  # Orbax raises many types; all mean "does not fit"
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} passed its integrity check but its "
+                f"{name!r} item could not be restored (written by another model or code "
+                f"version?): {err}"
+            ) from err
+
+    def _set_aside_bad_steps(self) -> None:
+        for step_dir in sorted(self.directory.iterdir()):
+            if step_dir.is_dir() and step_dir.name.isdigit():
+                problem = verify_step(step_dir)
+                if problem is not None:
+                    self._mark_bad(int(step_dir.name), problem)
+
+    def _mark_bad(self, step: int, problem: str) -> None:
+        self.bad_steps[step] = problem
+        where = self.step_dir(step)
+        if self.read_only:
+            log.warning(
+                "checkpoint step %d (%s) is unusable: %s; skipping it (an older checkpoint, if any, "
+                "is used instead)",
+                step,
+                where,
+                problem,
+            )
+            return
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        target = self.directory / QUARANTINE_DIR / f"{step}-{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(where, target)
+        log.warning(
+            "checkpoint step %d (%s) is unusable: %s; moved it to %s (an older checkpoint, if "
+            "any, is used instead)",
+            step,
+            where,
+            problem,
+            target,
+        )
+        # The step is gone from disk, so it no longer blocks saving that step again.
+        del self.bad_steps[step]
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics[SCORE_KEY]
+
+
+def discover_checkpoint_dir(path: os.PathLike | str) -> tuple[pathlib.Path, int | None]:
+    """Finds the checkpoint folder that ``path`` designates.
+
+    ``path`` may be a run folder (holding ``checkpoints/``), a checkpoint folder, or one step
+    folder inside it.
+
+    Returns:
+        ``(checkpoint_folder, step)`` where ``step`` is set only when ``path`` is a step folder.
+    """
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and (path / META_ITEM).exists():
+        return path.parent, int(path.name)
+    if path.is_dir():
+        return path, None
+    raise CheckpointError(f"{path} is not a run folder, checkpoint folder or checkpoint step")

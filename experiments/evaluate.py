@@ -1,0 +1,198 @@
+"""Evaluate a trained model from its checkpoint on the test set.
+
+    python -m experiments.evaluate --checkpoint runs/best              # the run's selected epoch
+    python -m experiments.evaluate --checkpoint runs/best/checkpoints --step 40
+    python -m experiments.evaluate --checkpoint runs/best/checkpoints/40
+
+The configuration (model, data, preprocessing) comes from the checkpoint. Prints the test figures
+of :func:`experiments.report.classification_figures` (accuracy, weighted and macro F1, per-class
+accuracy, confusion matrix) as JSON, and writes them with a confusion-matrix plot to
+``evaluation-epoch<N>.json`` and ``evaluation-epoch<N>-confusion_matrix.png`` in the run folder
+(or ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from experiments import report
+from experiments.checkpoints import CheckpointError, CheckpointStore, discover_checkpoint_dir
+from experiments.train import (
+    ConfigError,
+    TrainConfig,
+    build_model,
+    configure_logging,
+    init_state,
+    make_evaluator,
+    make_optimizer,
+    model_variables,
+)
+from larnn_jax.data import DataError, Dataset, load_dataset
+from larnn_jax.models import SequenceClassifier
+
+log = logging.getLogger("experiments.evaluate")  # not __name__: "__main__" under -m
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A model restored from a checkpoint, with what is needed to use it.
+
+    Attributes:
+        config: the run's configuration (``data_dir`` possibly overridden).
+        dataset: the run's dataset, loaded and preprocessed as in training.
+        model: the classifier.
+        state: the training state (``params``, ``batch_stats``, ``opt_state``, ``rng``).
+        epoch: the epoch the checkpoint was saved after.
+        checkpoint_dir: the checkpoint's step folder.
+    """
+
+    config: TrainConfig
+    dataset: Dataset
+    model: SequenceClassifier
+    state: dict[str, Any]
+    epoch: int
+    checkpoint_dir: pathlib.Path
+
+
+def restore_run(
+    checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
+) -> RestoredRun:
+    """Restores a model, its configuration and its data from a checkpoint.
+
+    Args:
+        checkpoint: a run folder, its ``checkpoints`` folder, or one step folder in it.
+        step: the epoch whose checkpoint to use; default: the step folder given, else the run's
+            selected epoch (:func:`experiments.report.select_epoch`), else the latest good one.
+        data_dir: where the dataset lives, if not where the run found it.
+
+    Raises:
+        CheckpointError: no usable checkpoint, or the requested step is absent or bad.
+    """
+    directory, step_in_path = discover_checkpoint_dir(checkpoint)
+    with CheckpointStore(directory, read_only=True) as store:
+        latest = store.latest_step()
+        if latest is None:
+            raise CheckpointError(f"no usable checkpoint in {directory}")
+        _, meta = store.restore(latest)
+        step = step if step is not None else step_in_path
+        if step is None:
+            step = report.select_epoch(meta["history"])
+            if step not in store.steps():
+                log.warning(
+                    "the selected epoch %d has no usable checkpoint; using the latest, %d",
+                    step,
+                    latest,
+                )
+                step = latest
+        config = TrainConfig.from_dict(meta["config"])
+        if data_dir is not None:
+            config = dataclasses.replace(config, data_dir=data_dir)
+        dataset = load_dataset(
+            config.dataset,
+            config.data_dir,
+            validation_subjects=config.validation_subjects,
+            validation_fraction=config.validation_fraction,
+            standardize=config.standardize,
+            seed=config.seed,
+        )
+        model = build_model(config, dataset.num_classes)
+        # Only the structure of the optimiser state matters here, not its schedule.
+        tx = make_optimizer(config, steps_per_epoch=1)
+        target = jax.eval_shape(
+            lambda x: init_state(model, tx, x, config.seed), jnp.asarray(dataset.test.x[:1])
+        )
+        state, _ = store.restore(step, target)
+        return RestoredRun(config, dataset, model, state, step, store.step_dir(step))
+
+
+def evaluate_checkpoint(
+    checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
+    """Restores a model from a checkpoint (see :func:`restore_run`) and evaluates it once on
+    the test set.
+
+    Returns:
+        ``{"checkpoint", "epoch", "dataset", "test_loss", "test"}``, ``test`` being the
+        :func:`~experiments.report.classification_figures` of the test set.
+    """
+    run = restore_run(checkpoint, step=step, data_dir=data_dir)
+    evaluate = make_evaluator(run.model, run.config.batch_size)
+    result = evaluate(model_variables(run.state), run.dataset.test)
+    return {
+        "checkpoint": str(run.checkpoint_dir),
+        "epoch": run.epoch,
+        "dataset": run.dataset.name,
+        "test_loss": result.loss,
+        "test": report.classification_figures(
+            run.dataset.test.y, result.predictions, run.dataset.class_names
+        ),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a run folder (OUT), its checkpoints folder, or one step folder OUT/checkpoints/N",
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="evaluate the checkpoint of epoch N (default: the run's epoch selected by "
+        "validation accuracy)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder that holds 'UCI HAR Dataset/' (default: the run's, else $LARNN_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where to write evaluation-epoch<N>.json and the confusion-matrix plot "
+        "(default: the run folder)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        evaluation = evaluate_checkpoint(args.checkpoint, step=args.step, data_dir=args.data_dir)
+    except (CheckpointError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    output = pathlib.Path(args.output or pathlib.Path(evaluation["checkpoint"]).parent.parent)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"evaluation-epoch{evaluation['epoch']}"
+    (output / f"{stem}.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    report.plot_confusion_matrix(
+        evaluation["test"],
+        output / f"{stem}-confusion_matrix.png",
+        title=f"{evaluation['dataset']} test set, epoch {evaluation['epoch']}",
+    )
+    print(json.dumps(evaluation, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Checkpoints: retention, detection of damaged or incomplete steps, fallback, config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import make_dataset, read_lines, tiny_config, without_timing
+
+from experiments import train as train_module
+from experiments.checkpoints import MANIFEST_NAME, QUARANTINE_DIR, CheckpointStore
+from experiments.train import ConfigError
+
+STATE = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": jnp.int32(0)}
+
+
+def largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = (p for p in (step_dir / "state").rglob("*") if p.is_file())
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def save_steps(directory: pathlib.Path, scores: list[float]) -> None:
+    with CheckpointStore(directory) as store:
+        for step, score in enumerate(scores, start=1):
+            state = {**STATE, "step": jnp.int32(step)}
+            store.save(step, state, {"epoch": step}, score)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A finished 3-epoch run (BN-LSTM: quick to compile), copied by the tests that change it."""
+    root = tmp_path_factory.mktemp("checkpoint-runs")
+    data = make_dataset(root / "toy.npz", train_rows=96)
+    config = tiny_config(data, root / "run", model="bnlstm", layers=1, epochs=3)
+    train_module.train(config)
+    return root / "run"
+
+
+def copy_run(
+    run: pathlib.Path, tmp_path: pathlib.Path
+) -> tuple[pathlib.Path, train_module.TrainConfig]:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    saved = json.loads((out / "config.json").read_text())
+    return out, train_module.TrainConfig.from_dict({**saved, "out": str(out)})
+
+
+def test_retention_keeps_latest_three_and_best_across_restarts(tmp_path: pathlib.Path) -> None:
+    save_steps(tmp_path, [0.5, 0.9, 0.1, 0.2, 0.3])
+    with CheckpointStore(tmp_path) as store:
+        assert store.steps() == [2, 3, 4, 5]
+        # A new session still knows step 2 is the best: its score was saved with it.
+        store.save(6, STATE, {"epoch": 6}, 0.0)
+        assert store.steps() == [2, 4, 5, 6]
+        state, meta = store.restore(5, STATE)
+    assert meta == {"epoch": 5}
+    assert int(state["step"]) == 5
+    np.testing.assert_array_equal(state["params"]["w"], STATE["params"]["w"])
+
+
+def test_damaged_and_incomplete_steps_are_skipped(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_steps(tmp_path, [0.1, 0.2, 0.3])
+    largest_array_file(tmp_path / "3").unlink()
+    (tmp_path / "2" / MANIFEST_NAME).unlink()  # as if killed between Orbax's commit and ours
+    with caplog.at_level(logging.WARNING), CheckpointStore(tmp_path, read_only=True) as store:
+        assert store.steps() == [1]
+        assert "is missing" in store.bad_steps[3]
+        assert "never completed" in store.bad_steps[2]
+    messages = [r.getMessage() for r in caplog.records if r.name == "experiments.checkpoints"]
+    assert any(m.startswith("checkpoint step 3 ") and "is missing" in m for m in messages)
+    assert any(m.startswith("checkpoint step 2 ") for m in messages)
+    assert (tmp_path / "3").is_dir()  # read-only: nothing moved
+
+    with CheckpointStore(tmp_path) as store:  # writable: set aside, so the steps can be redone
+        assert store.steps() == [1]
+        store.save(2, STATE, {"epoch": 2}, 0.2)
+        assert store.steps() == [1, 2]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / QUARANTINE_DIR).iterdir()) == [
+        "2",
+        "3",
+    ]
+
+
+def test_resume_falls_back_from_a_truncated_latest_checkpoint(
+    run: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out, config = copy_run(run, tmp_path)
+    damaged = largest_array_file(out / "checkpoints" / "3")
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    with caplog.at_level(logging.WARNING, logger="experiments"):
+        train_module.train(config, resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "checkpoint step 3 " in m and "truncated" in m and damaged.name in m for m in warnings
+    ), warnings
+    # Epoch 3 was trained again from checkpoint 2, exactly as the first time.
+    assert without_timing(read_lines(out / "metrics.jsonl")) == without_timing(
+        read_lines(run / "metrics.jsonl")
+    )
+    assert len(list((out / "checkpoints" / QUARANTINE_DIR).iterdir())) == 1
+
+
+def test_resume_with_a_changed_hyperparameter_names_it(
+    run: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    out, config = copy_run(run, tmp_path)
+    changed = dataclasses.replace(config, learning_rate=0.02, epochs=5)
+    with pytest.raises(ConfigError, match=r"learning_rate: 0\.01 in the run, 0\.02 now") as error:
+        train_module.train(changed, resume=True)
+    assert "epochs" not in str(error.value)  # allowed to change on resume
+    # The checkpoint's own copy of the config is checked too.
+    (out / "config.json").unlink()
+    with pytest.raises(ConfigError, match="hidden"):
+        train_module.train(dataclasses.replace(config, hidden=6, heads=3), resume=True)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train_module.train(config)

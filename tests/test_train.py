@@ -1,0 +1,336 @@
+"""Training entry point: learning, outputs, command line, optimiser, NaN stop, crash and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import evaluate, report
+from experiments import train as train_module
+from experiments.checkpoints import CheckpointStore, verify_step
+from experiments.train import ConfigError, NonFiniteLossError, TrainConfig
+from larnn_jax.data import Dataset, Split
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = 3
+
+
+def make_dataset(path: pathlib.Path, *, train_rows: int = 960, steps: int = 10) -> pathlib.Path:
+    """An easy synthetic ``.npz`` task: the class sets the mean of channel 0 and the frequency
+    of channel 1. Writes ``X_train, y_train, X_val, y_val, X_test, y_test``."""
+    rng = np.random.default_rng(123)
+
+    def rows(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, CLASSES, count)
+        time_axis = np.arange(steps)
+        x = rng.normal(0.0, 0.5, (count, steps, 3))
+        x[:, :, 0] += labels[:, None] - 1.0
+        x[:, :, 1] += np.sin(time_axis[None, :] * (labels[:, None] + 1) / 3)
+        return x.astype(np.float32), labels
+
+    arrays = {}
+    for split, count in (("train", train_rows), ("val", 48), ("test", 60)):
+        arrays[f"X_{split}"], arrays[f"y_{split}"] = rows(count)
+    np.savez(path, **arrays)
+    return path
+
+
+def tiny_config(data: pathlib.Path, out: pathlib.Path, **overrides: object) -> TrainConfig:
+    """A LARNN small enough to compile and train in seconds."""
+    values = {
+        "model": "larnn",
+        "hidden": 8,
+        "heads": 2,
+        "window": 3,
+        "layers": 2,
+        "learning_rate": 0.01,
+        "decay_every": 2,
+        "epochs": 4,
+        "batch_size": 4,
+        "dataset": f"npz:{data}",
+        "out": str(out),
+        "progress": False,
+    }
+    return TrainConfig(**{**values, **overrides})
+
+
+def config_flags(config: TrainConfig) -> list[str]:
+    """The command-line flags that reproduce ``config``."""
+    flags = []
+    for name, value in config.to_dict().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def read_lines(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "epoch_seconds"} for line in history]
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture(scope="module")
+def finished_run(data: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted 4-epoch run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    calls = []
+    result = train_module.train(
+        tiny_config(data, out), epoch_callback=lambda m, d: calls.append((m, d))
+    )
+    return {"out": out, "report": result, "callbacks": calls}
+
+
+def test_training_learns_and_writes_every_output(finished_run: dict) -> None:
+    out, result = finished_run["out"], finished_run["report"]
+    history = read_lines(out / "metrics.jsonl")
+    assert [line["epoch"] for line in history] == [1, 2, 3, 4]
+    assert set(history[0]) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "learning_rate",
+        "epoch_seconds",
+    }
+    # Learning rate 0.01, × 0.75 every 2 epochs (staircase).
+    assert [line["learning_rate"] for line in history] == pytest.approx(
+        [0.01, 0.01, 0.0075, 0.0075]
+    )
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(line["val_accuracy"] for line in history) > 0.8  # chance: 1/3
+
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    selected = report.select_epoch(history)
+    assert saved["selection"]["epoch"] == selected
+    assert saved["test"]["accuracy"] == history[selected - 1]["test_accuracy"]
+    assert saved["optimistic_protocol_best_test_accuracy"] == max(
+        line["test_accuracy"] for line in history
+    )
+    for key in ("weighted_f1", "macro_f1", "per_class_accuracy", "confusion_matrix"):
+        assert key in saved["test"]
+    assert np.sum(saved["test"]["confusion_matrix"]) == 60
+    for key in ("parameter_count", "wall_seconds", "seconds_per_epoch", "machine"):
+        assert key in saved
+    assert saved["parameter_count"] > 0
+    assert (out / "learning_curves.png").stat().st_size > 0
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["hidden"] == 8
+
+    assert [m for m, _ in finished_run["callbacks"]] == history
+    assert [d for _, d in finished_run["callbacks"]] == [
+        out.absolute() / "checkpoints" / str(epoch) for epoch in (1, 2, 3, 4)
+    ]
+
+
+def test_checkpoints_keep_latest_three_and_the_best(finished_run: dict) -> None:
+    out = finished_run["out"]
+    history = read_lines(out / "metrics.jsonl")
+    with CheckpointStore(out / "checkpoints", read_only=True) as store:
+        steps = store.steps()
+    assert set(steps) == {2, 3, 4} | {report.select_epoch(history)}
+    for step in steps:
+        assert verify_step(out / "checkpoints" / str(step)) is None
+
+
+def test_evaluate_reproduces_the_report(finished_run: dict, capsys) -> None:
+    out = finished_run["out"]
+    saved = json.loads((out / "report.json").read_text())
+    assert evaluate.main(["--checkpoint", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["epoch"] == saved["selection"]["epoch"]
+    assert printed["test"] == saved["test"]
+    epoch = printed["epoch"]
+    assert (out / f"evaluation-epoch{epoch}.json").is_file()
+    assert (out / f"evaluation-epoch{epoch}-confusion_matrix.png").is_file()
+
+    last = evaluate.evaluate_checkpoint(out / "checkpoints" / "4")
+    assert last["epoch"] == 4
+    assert last["test"]["accuracy"] == read_lines(out / "metrics.jsonl")[3]["test_accuracy"]
+
+
+def test_epoch_selection_and_report_without_validation_split() -> None:
+    def line(epoch: int, val: float | None, test: float) -> dict:
+        return {
+            "epoch": epoch,
+            "val_accuracy": val,
+            "val_loss": None if val is None else 1 - val,
+            "test_accuracy": test,
+            "epoch_seconds": 1.0,
+        }
+
+    assert report.select_epoch([line(1, 0.5, 0.9), line(2, 0.7, 0.6), line(3, 0.7, 0.5)]) == 3
+    history = [line(1, None, 0.9), line(2, None, 0.5)]
+    assert report.select_epoch(history) == 2
+    test = Split(np.zeros((4, 2, 1), np.float32), np.array([0, 1, 1, 0], np.int32), None)
+    dataset = Dataset(test, None, test, 2, ("a", "b"), "toy", None, None)
+    built = report.build(
+        run="r",
+        config={"model": "lstm"},
+        dataset=dataset,
+        history=history,
+        test_predictions=np.array([0, 1, 0, 0]),
+        parameter_count=1,
+        wall_seconds=2.0,
+    )
+    assert built["selection"]["epoch"] == 2
+    assert "no validation split" in built["selection"]["criterion"]
+    assert built["test"]["accuracy"] == 0.75
+    assert built["test"]["per_class_accuracy"] == {"a": 1.0, "b": 0.5}
+    assert built["test"]["confusion_matrix"] == [[2, 0], [1, 1]]
+    assert built["optimistic_protocol_best_test_accuracy"] == 0.9
+
+
+def test_help_lists_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in text
+    for flag in ("--config", "--resume", "--no-residual-stacking", "--no-standardize"):
+        assert flag in text
+    assert "default: 0.006026" in text
+
+
+def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hidden": 16, "heads": 4, "residual_stacking": False}))
+    config, resume = train_module.config_from_args(["--config", str(path), "--heads", "8"])
+    assert (config.hidden, config.heads, config.residual_stacking, resume) == (16, 8, False, False)
+    assert config.learning_rate == TrainConfig().learning_rate
+
+    path.write_text(json.dumps({"hidden": 16, "hiden": 8}))
+    with pytest.raises(ConfigError, match=r"unknown config key.*hiden"):
+        train_module.config_from_args(["--config", str(path)])
+    path.write_text(json.dumps({"hidden": "16"}))
+    with pytest.raises(ConfigError, match="hidden must be int"):
+        train_module.config_from_args(["--config", str(path)])
+    assert train_module.main(["--config", str(path)]) == 2
+
+
+def test_invalid_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="multiple of heads"):
+        TrainConfig(hidden=10, heads=3)
+    with pytest.raises(ConfigError, match="dropout"):
+        TrainConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        TrainConfig(mode="sideways")
+
+
+def test_optimizer_is_pytorch_adam_with_l2_in_the_gradient() -> None:
+    """Three steps against PyTorch Adam's update rule with weight_decay, written out in NumPy."""
+    config = TrainConfig(learning_rate=0.1, l2=0.01, decay_every=1, decay_factor=0.5)
+    steps_per_epoch = 2
+    tx = train_module.make_optimizer(config, steps_per_epoch)
+    theta = np.array([1.0, -2.0, 0.5], np.float32)
+    params = jnp.asarray(theta)
+    state = tx.init(params)
+    m = v = np.zeros(3)
+    expected = theta.astype(np.float64)
+    for step in range(1, 4):
+        grad = np.array([0.3, -0.1, 0.2]) * step
+        updates, state = tx.update(jnp.asarray(grad, jnp.float32), state, params)
+        params = params + updates
+        g = grad + config.l2 * expected
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        lr = 0.1 * 0.5 ** ((step - 1) // steps_per_epoch)
+        expected = expected - lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+        np.testing.assert_allclose(np.asarray(params), expected, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    finished_run: dict, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    before = (out / "checkpoints" / "4" / "state").stat()
+    monkeypatch.setattr(train_module, "per_example_loss", lambda logits, labels: logits[:, 0] / 0)
+    config = TrainConfig.from_dict({**json.loads((out / "config.json").read_text()), "epochs": 6})
+    config = dataclasses.replace(config, out=str(out))
+    with pytest.raises(NonFiniteLossError, match="epoch 5, step 1") as error:
+        train_module.train(config, resume=True)
+    assert (error.value.epoch, error.value.step) == (5, 1)
+    assert "checkpoint of epoch 4" in str(error.value)
+    with CheckpointStore(out / "checkpoints", read_only=True) as store:
+        assert store.latest_step() == 4
+    assert verify_step(out / "checkpoints" / "4") is None
+    assert (out / "checkpoints" / "4" / "state").stat().st_mtime == before.st_mtime
+    assert len(read_lines(out / "metrics.jsonl")) == 4
+
+
+def test_killed_run_resumes_bitwise(
+    data: pathlib.Path, finished_run: dict, tmp_path: pathlib.Path
+) -> None:
+    """SIGKILL in the middle of epoch 2, resume: the same final state as without the crash."""
+    out = tmp_path / "crashed"
+    command = [sys.executable, "-m", "experiments.train", *config_flags(tiny_config(data, out))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),
+    }
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            metrics = out / "metrics.jsonl"
+            # The epoch-1 line is written once that epoch's checkpoint is complete; epoch 2 has
+            # 240 steps (a few tenths of a second), so a moment later the run is inside it.
+            while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the run never finished epoch 1"
+                time.sleep(0.01)
+            time.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    with CheckpointStore(out / "checkpoints", read_only=True) as store:
+        assert store.latest_step() == 1, "the kill did not land in epoch 2"
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    reference = finished_run["out"]
+    assert without_timing(read_lines(out / "metrics.jsonl")) == without_timing(
+        read_lines(reference / "metrics.jsonl")
+    )
+    crashed_state = evaluate.restore_run(out, step=4).state
+    reference_state = evaluate.restore_run(reference, step=4).state
+    assert_states_equal(crashed_state, reference_state)
