@@ -15,6 +15,13 @@ from flax.typing import PRNGKey
 Carry = Any
 
 
+class _ChunkRNN(nn.RNN):
+    """``nn.RNN`` over one chunk of a sequence, in the ``(carry, x) -> (carry, y)`` form of a scan."""
+
+    def __call__(self, carry: Carry, chunk: jax.Array) -> tuple[Carry, jax.Array]:  # type: ignore[override]
+        return super().__call__(chunk, initial_carry=carry, return_carry=True)
+
+
 def _with_mode(cell: nn.RNNCellBase, deterministic: bool | None) -> nn.RNNCellBase:
     """A fresh, unbound copy of ``cell``, switched to ``deterministic`` where it has that switch."""
     overrides: dict[str, Any] = {"parent": None, "name": None}
@@ -37,13 +44,22 @@ class LARNNLayer(nn.Module):
 
     It accepts the same call arguments as ``nn.RNN``, so it also fits ``nn.Bidirectional``.
 
+    Memory: differentiating a scan stores every step's carry, and a LARNN carry holds the whole
+    ``(B, k-1, H)`` window: ``T·k`` entries per sample. With ``checkpoint_every=N`` the training
+    scan runs in chunks of ``N`` steps, keeps only each chunk's first carry and recomputes the
+    chunk during the backward pass: ``T/N + N`` windows instead of ``T`` (``N ≈ sqrt(T)`` is
+    best), for about one more forward pass of time. Results are unchanged.
+
     Attributes:
       cell: the cell to scan: :class:`~larnn_jax.LARNNCell`, :class:`~larnn_jax.BNLSTMCell` or
         any Flax ``RNNCellBase`` (cells without a ``deterministic`` attribute are used as is).
+      checkpoint_every: ``N``, chunk length of the rematerialised training scan (``None``: no
+        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``.
       reverse, keep_order, return_carry: defaults for the call arguments of the same names.
     """
 
     cell: nn.RNNCellBase
+    checkpoint_every: int | None = None
     reverse: bool = False
     keep_order: bool = False
     return_carry: bool = False
@@ -100,6 +116,20 @@ class LARNNLayer(nn.Module):
         else:
             scan_options = dict(
                 variable_broadcast=("params", "batch_stats"), split_rngs={"params": False}
+            )
+        if training and self.checkpoint_every is not None and not self.is_initializing():
+            return _chunked_scan(
+                self,
+                cell,
+                inputs,
+                scan_options,
+                initial_carry,
+                init_key,
+                seq_lengths,
+                return_carry,
+                time_major,
+                reverse,
+                keep_order,
             )
         rnn = nn.RNN(
             cell,
@@ -194,6 +224,47 @@ class LARNN(nn.Module):
         if return_carries:
             return tuple(carries), sequence
         return sequence
+
+
+def _chunked_scan(
+    layer: LARNNLayer,
+    cell: nn.RNNCellBase,
+    inputs: jax.Array,
+    scan_options: dict[str, Any],
+    initial_carry: Carry | None,
+    init_key: PRNGKey | None,
+    seq_lengths: jax.Array | None,
+    return_carry: bool | None,
+    time_major: bool | None,
+    reverse: bool | None,
+    keep_order: bool | None,
+) -> jax.Array | tuple[Carry, jax.Array]:
+    """The training scan of ``layer`` in rematerialised chunks (see ``checkpoint_every``)."""
+    every = layer.checkpoint_every
+    steps = inputs.shape[0 if time_major else 1]
+    if seq_lengths is not None or (reverse if reverse is not None else layer.reverse):
+        raise ValueError("checkpoint_every does not support seq_lengths or reverse")
+    if every < 1 or steps % every:
+        raise ValueError(
+            f"checkpoint_every={every} must be >= 1 and divide the sequence length {steps}"
+        )
+    batch_major = jnp.swapaxes(inputs, 0, 1) if time_major else inputs
+    if initial_carry is None:
+        shape = batch_major.shape[:1] + batch_major.shape[2:]
+        initial_carry = cell.initialize_carry(init_key or jax.random.key(0), shape)
+    chunks = batch_major.reshape(
+        batch_major.shape[0], steps // every, every, *batch_major.shape[2:]
+    )
+    scan_chunks = nn.scan(
+        nn.remat(_ChunkRNN), in_axes=1, out_axes=1, length=steps // every, **scan_options
+    )
+    carry, outputs = scan_chunks(cell, name="rnn", **scan_options)(initial_carry, chunks)
+    outputs = outputs.reshape(outputs.shape[0], steps, *outputs.shape[3:])
+    if time_major:
+        outputs = jnp.swapaxes(outputs, 0, 1)
+    del keep_order  # only meaningful with reverse
+    want_carry = return_carry if return_carry is not None else layer.return_carry
+    return (carry, outputs) if want_carry else outputs
 
 
 def last_valid_step(sequence: jax.Array, seq_lengths: jax.Array | None) -> jax.Array:

@@ -247,3 +247,43 @@ def test_wrong_input_rank_or_size_is_named():
     carry = cell.initialize_carry(jax.random.key(0), (B, D))
     with pytest.raises(ValueError, match="does not match the carry's batch shape"):
         cell.init(jax.random.key(0), carry, jnp.ones((B + 1, D)))
+
+
+def test_checkpointed_training_scan_gives_the_same_result_and_gradients():
+    with jax.enable_x64(True):  # exact comparison: float32 rounding is amplified by batch norm
+        x = make_inputs().astype(jnp.float64)[:, :8]
+        cell = larnn_cell(param_dtype=jnp.float64)
+        plain, chunked = LARNNLayer(cell), LARNNLayer(cell, checkpoint_every=4)
+        variables = plain.init(jax.random.key(1), x)
+
+        def loss(layer, params):
+            (carry, y), updates = layer.apply(
+                {**variables, "params": params},
+                x,
+                deterministic=False,
+                return_carry=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(y**2) + jnp.sum(carry.c**2), updates
+
+        results = [
+            jax.value_and_grad(lambda p, layer=layer: loss(layer, p), has_aux=True)(
+                variables["params"]
+            )
+            for layer in (plain, chunked)
+        ]
+        (value, updates), grads = results[0]
+        (value_chunked, updates_chunked), grads_chunked = results[1]
+        np.testing.assert_allclose(value_chunked, value, rtol=1e-12)
+        for want, got in zip(
+            jax.tree.leaves((grads, updates)),
+            jax.tree.leaves((grads_chunked, updates_chunked)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
+        with pytest.raises(
+            ValueError, match="checkpoint_every=5 must be >= 1 and divide the sequence length 8"
+        ):
+            LARNNLayer(cell, checkpoint_every=5).apply(
+                variables, x, deterministic=False, mutable=["batch_stats"]
+            )
