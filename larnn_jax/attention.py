@@ -6,7 +6,7 @@ head size ``d_k = H / n``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +53,14 @@ def head_indicator(features: int, num_heads: int, dtype: jnp.dtype = jnp.float32
     return jnp.asarray(head_of_feature[:, None] == np.arange(num_heads)[None, :], dtype=dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def window_attention(
     query: jax.Array,
     keys: jax.Array,
     values: jax.Array,
     mask: jax.Array,
-    heads: jax.Array,
-    weights_dropout: Callable[[jax.Array], jax.Array] | None = None,
+    weights_scale: jax.Array,
+    num_heads: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention of one query per sample over its window, per head.
 
@@ -68,22 +69,54 @@ def window_attention(
       keys: ``(B, k, H)``.
       values: ``(B, k, H)``.
       mask: ``(B, k)`` boolean, true for valid window entries (at least one per sample).
-      heads: ``(H, n)`` from :func:`head_indicator`.
-      weights_dropout: applied to the attention weights ``(B, k, n)`` after the softmax.
+      weights_scale: multiplies the attention weights after the softmax, broadcast to
+        ``(B, k, n)``: ``1`` or an inverted-dropout mask ``keep / (1 - rate)``.
+      num_heads: ``n``; head ``h`` owns features ``h·d_k … (h+1)·d_k - 1``.
 
     Returns:
       ``context``, ``(B, H)``: for each head, ``Σ_j α_j V_j`` over its features; and
       ``weight_total``, ``(B, H)``: ``Σ_j α_j`` of each feature's head (one, unless dropout
       rescaled the weights). Callers that normalise values with an affine map ``V = E·s + t``
       recover ``Σ_j α_j V_j = context·s + weight_total·t`` from the raw ``E``.
+
+    The gradient is written by hand (``jax.custom_vjp``) so that differentiating a scan over
+    time steps stores only the inputs and the ``(B, k, n)`` weights of each step, not the
+    ``(B, k, H)`` intermediates that automatic differentiation would keep.
     """
-    head_size = query.shape[-1] // heads.shape[-1]
-    scores = (query[..., None, :] * keys) @ heads / jnp.sqrt(head_size).astype(keys.dtype)
+    return _attention_forward(query, keys, values, mask, weights_scale, num_heads)[0]
+
+
+def _attention_forward(query, keys, values, mask, weights_scale, num_heads):
+    """The forward pass; returns the outputs and what the backward pass needs."""
+    heads = head_indicator(query.shape[-1], num_heads, keys.dtype)
+    scale = 1.0 / np.sqrt(query.shape[-1] // num_heads)
+    scores = (query[..., None, :] * keys) @ heads * jnp.asarray(scale, keys.dtype)
     softmax_dtype = jnp.result_type(jnp.float32, scores.dtype)  # float32 or wider
     scores = jnp.where(mask[..., None], scores.astype(softmax_dtype), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-2).astype(values.dtype)  # (B, k, n)
-    if weights_dropout is not None:
-        weights = weights_dropout(weights)
-    context = jnp.sum((weights @ heads.T) * values, axis=-2)
-    weight_total = jnp.sum(weights, axis=-2) @ heads.T
-    return context, weight_total
+    kept = weights * weights_scale
+    context = jnp.sum((kept @ heads.T) * values, axis=-2)
+    weight_total = jnp.sum(kept, axis=-2) @ heads.T
+    return (context, weight_total), (query, keys, values, weights_scale, weights)
+
+
+def _attention_backward_rule(num_heads, residuals, cotangents):
+    """Cotangents of ``query``, ``keys``, ``values`` (and none for ``mask``, ``weights_scale``)."""
+    query, keys, values, weights_scale, weights = residuals
+    d_context, d_weight_total = cotangents
+    heads = head_indicator(query.shape[-1], num_heads, keys.dtype)
+    scale = 1.0 / np.sqrt(query.shape[-1] // num_heads)
+    kept = weights * weights_scale
+    d_values = (kept @ heads.T) * d_context[..., None, :]
+    d_kept = (values * d_context[..., None, :]) @ heads + (d_weight_total @ heads)[..., None, :]
+    d_weights = d_kept * weights_scale
+    # Softmax: ds_j = α_j (dα_j - Σ_i α_i dα_i); masked entries have α = 0.
+    d_scores = weights * (d_weights - jnp.sum(weights * d_weights, axis=-2, keepdims=True))
+    d_products = (d_scores * jnp.asarray(scale, keys.dtype)) @ heads.T  # (B, k, H)
+    d_query = jnp.sum(d_products * keys, axis=-2)
+    d_keys = d_products * query[..., None, :]
+    d_scale = jnp.zeros_like(weights_scale) if weights_scale.ndim else None
+    return d_query, d_keys, d_values, None, d_scale
+
+
+window_attention.defvjp(_attention_forward, _attention_backward_rule)

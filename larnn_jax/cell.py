@@ -19,11 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, PRNGKey
 
-from larnn_jax.attention import (
-    head_indicator,
-    positional_encoding,
-    window_attention,
-)
+from larnn_jax.attention import positional_encoding, window_attention
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind
 
 Mode = Literal["residual", "layer"]
@@ -365,11 +361,15 @@ class LARNNCell(nn.RNNCellBase):
             values = self.value_norm(values, mask, use_running_average=running)
             value_scale, value_shift = 1.0, 0.0
 
-        def weights_dropout(weights: jax.Array) -> jax.Array:
-            return _dropout(self, self.attention_dropout_rate, weights, self.deterministic)
-
-        heads = head_indicator(self.features, self.num_heads, keys.dtype)
-        context, weight_total = window_attention(query, keys, values, mask, heads, weights_dropout)
+        weights_scale = _dropout(
+            self,
+            self.attention_dropout_rate,
+            jnp.ones((*mask.shape, self.num_heads), keys.dtype),
+            self.deterministic,
+        )
+        context, weight_total = window_attention(
+            query, keys, values, mask, weights_scale, self.num_heads
+        )
         attended = context * value_scale + weight_total * value_shift
         return self.attention_norm(
             jax.nn.elu(self.attention_output(attended.astype(keys.dtype))),

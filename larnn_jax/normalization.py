@@ -159,25 +159,51 @@ def _masked_moments(
 ) -> tuple[jax.Array, jax.Array]:
     """Mean and biased variance of ``x`` over ``axes``, counting only entries where ``mask``.
 
-    ``mask`` (boolean, broadcastable to ``x.shape[:-1]``) selects whole entries of the last axis.
-    Results keep the reduced axes only when they include the last one (layer statistics).
-
-    With a mask (the ``(B, k, H)`` window at every time step) both moments come from one pass
-    over ``x``: sums of ``d`` and ``d²`` for ``d = x − s``. The shift ``s`` (the first entry, the
-    newest of sample 0 for the window) leaves the result unchanged in exact arithmetic and keeps
-    ``E[d²] − E[d]²`` from cancelling when the spread is tiny next to the mean (for example at
-    step 0, when every sample's single window entry is the same).
+    ``mask`` (boolean, broadcastable to ``x.shape[:-1]``) selects whole entries of the last axis;
+    with a mask, ``axes`` must be every axis but the last. Results keep the reduced axes only
+    when they include the last one (layer statistics).
     """
+    if mask is not None:
+        weight = jnp.broadcast_to(mask, x.shape[:-1])[..., None].astype(x.dtype)
+        return _weighted_moments(x, weight)
     keepdims = (x.ndim - 1) in {a % x.ndim for a in axes}
-    if mask is None:
-        mean = jnp.mean(x, axis=axes, keepdims=keepdims)
-        return mean, jnp.mean(jnp.square(x - mean), axis=axes, keepdims=keepdims)
-    shift = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
+    mean = jnp.mean(x, axis=axes, keepdims=keepdims)
+    return mean, jnp.mean(jnp.square(x - mean), axis=axes, keepdims=keepdims)
+
+
+@jax.custom_vjp
+def _weighted_moments(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance ``(F,)`` of the entries of ``x`` ``(..., F)`` with weight 1.
+
+    ``weight``: ``(..., 1)`` of zeros and ones. Both moments come from one pass over ``x`` (the
+    ``(B, k, H)`` window at every time step): sums of ``d`` and ``d²`` for ``d = x − s``. The
+    shift ``s`` (the first entry: the newest of sample 0, for the window) leaves the result
+    unchanged in exact arithmetic and keeps ``E[d²] − E[d]²`` from cancelling when the spread is
+    tiny next to the mean (at step 0 every sample's single window entry is the same). The
+    gradient is written by hand so that a differentiated scan keeps only ``x``, not temporaries
+    of its size.
+    """
+    return _weighted_moments_forward(x, weight)[0]
+
+
+def _weighted_moments_forward(x, weight):
+    axes = tuple(range(x.ndim - 1))
+    shift = x[(0,) * (x.ndim - 1)]
     deviation = x - shift
-    weight = jnp.broadcast_to(mask, x.shape[:-1])[..., None].astype(x.dtype)
-    count = jnp.sum(jnp.broadcast_to(weight, x.shape), axis=axes, keepdims=keepdims)
+    count = jnp.sum(jnp.broadcast_to(weight, x.shape), axis=axes)
     weighted = deviation * weight
-    mean_deviation = jnp.sum(weighted, axis=axes, keepdims=keepdims) / count
-    mean_square = jnp.sum(weighted * deviation, axis=axes, keepdims=keepdims) / count
+    mean_deviation = jnp.sum(weighted, axis=axes) / count
+    mean_square = jnp.sum(weighted * deviation, axis=axes) / count
+    mean = shift + mean_deviation
     variance = jnp.maximum(mean_square - jnp.square(mean_deviation), 0.0)
-    return shift + mean_deviation, variance
+    return (mean, variance), (x, weight, mean, count)
+
+
+def _weighted_moments_backward(residuals, cotangents):
+    x, weight, mean, count = residuals
+    d_mean, d_variance = cotangents
+    d_x = weight * (d_mean + 2.0 * d_variance * (x - mean)) / count
+    return d_x, None
+
+
+_weighted_moments.defvjp(_weighted_moments_forward, _weighted_moments_backward)

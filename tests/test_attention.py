@@ -1,0 +1,70 @@
+"""The hand-written gradient of the window attention equals automatic differentiation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from larnn_jax.attention import _attention_forward, head_indicator, window_attention
+
+B, K, H = 3, 5, 6
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "with_dropout"), [(2, False), (3, True), (6, True), (1, False)]
+)
+def test_gradient_matches_autodiff(num_heads, with_dropout):
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 6)
+        query = jax.random.normal(keys[0], (B, H), jnp.float64)
+        window_keys = jax.random.normal(keys[1], (B, K, H), jnp.float64)
+        window_values = jax.random.normal(keys[2], (B, K, H), jnp.float64)
+        mask = jnp.arange(K)[None, :] < jnp.array([[1], [3], [K]])  # partly filled windows
+        scale = (
+            jax.random.bernoulli(keys[3], 0.7, (B, K, num_heads)) / 0.7
+            if with_dropout
+            else jnp.ones(())
+        ).astype(jnp.float64)
+        cotangents = (
+            jax.random.normal(keys[4], (B, H), jnp.float64),
+            jax.random.normal(keys[5], (B, H), jnp.float64),
+        )
+
+        def reference(q, k, v):
+            return _attention_forward(q, k, v, mask, scale, num_heads)[0]
+
+        def custom(q, k, v):
+            return window_attention(q, k, v, mask, scale, num_heads)
+
+        out_ref, vjp_ref = jax.vjp(reference, query, window_keys, window_values)
+        out, vjp = jax.vjp(custom, query, window_keys, window_values)
+        for got, want in zip(out + vjp(cotangents), out_ref + vjp_ref(cotangents), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # Entries outside the window get no gradient.
+        d_keys = vjp(cotangents)[1]
+        assert not np.any(np.asarray(d_keys)[~np.asarray(mask)])
+
+
+def test_heads_partition_the_features():
+    heads = head_indicator(6, 3)
+    np.testing.assert_array_equal(heads.sum(axis=1), np.ones(6))
+    np.testing.assert_array_equal(np.argmax(heads, axis=1), [0, 0, 1, 1, 2, 2])
+
+
+def test_window_moments_gradient_matches_autodiff():
+    from larnn_jax.normalization import _weighted_moments, _weighted_moments_forward
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (B, K, H), jnp.float64) * 2 + 1
+        weight = (jnp.arange(K)[None, :, None] < jnp.array([[[1]], [[3]], [[K]]])).astype(x.dtype)
+        cotangents = (jnp.linspace(-1, 1, H), jnp.linspace(2, -1, H))
+        out, vjp = jax.vjp(lambda x: _weighted_moments(x, weight), x)
+        _, vjp_ref = jax.vjp(lambda x: _weighted_moments_forward(x, weight)[0], x)
+        valid = np.asarray(x)[np.asarray(weight[..., 0]) > 0]
+        np.testing.assert_allclose(out[0], valid.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(out[1], valid.var(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(
+            vjp(cotangents)[0], vjp_ref(cotangents)[0], rtol=1e-10, atol=1e-12
+        )
