@@ -1,0 +1,160 @@
+"""Latency of one cell step at batch 1: real-time inference on a sensor stream.
+
+Each cell's step ``(variables, carry, x_t) -> (carry, h_t)`` is jit-compiled once and called on
+one sample at a time, the carry fed back as a stream would, in evaluation mode: with
+``norm='batch'`` the running statistics are used, with ``norm='layer'`` there are none. Every
+call is timed on its own (dispatch from Python included: what a real-time loop pays), the cells
+in turns, one call each; the table gives the median and the 99th percentile.
+
+For comparison, ``in-scan`` is the cost per step with ``--scan-steps`` steps inside one compiled
+scan (no per-step dispatch): what the step computes, without the call overhead.
+
+Cells: ``larnn`` (:class:`larnn_jax.LARNNCell`), ``larnn_naive``
+(:class:`benchmarks.naive_cell.NaiveLARNNCell`), ``bnlstm`` (:class:`larnn_jax.BNLSTMCell`),
+``lstm`` (Flax's ``nn.LSTMCell``, no normalisation). The input has ``--inputs`` features (default
+the hidden size: what a stacked layer sees after the input projection).
+
+    python -m benchmarks.streaming
+    python -m benchmarks.streaming --calls 500
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from benchmarks.common import (
+    PAPER,
+    Column,
+    add_run_arguments,
+    describe_machine,
+    format_table,
+    interleaved_timings,
+    machine_info,
+    summarize,
+    write_json,
+)
+from benchmarks.naive_cell import NaiveLARNNCell
+from larnn_jax import BNLSTMCell, LARNNCell, LARNNLayer
+
+# (name, norm) of every measured cell; norm None: the cell has no normalisation.
+CELLS = (
+    ("larnn", "batch"),
+    ("larnn", "layer"),
+    ("larnn_naive", "batch"),
+    ("bnlstm", "batch"),
+    ("bnlstm", "layer"),
+    ("lstm", None),
+)
+
+
+def make_cell(name: str, norm: str | None, args: argparse.Namespace) -> nn.RNNCellBase:
+    """The evaluation-mode cell ``name`` with normalisation ``norm``."""
+    if name == "lstm":
+        return nn.LSTMCell(args.hidden)
+    if name == "bnlstm":
+        return BNLSTMCell(args.hidden, norm=norm, deterministic=True)
+    cell_class = NaiveLARNNCell if name == "larnn_naive" else LARNNCell
+    return cell_class(
+        args.hidden, num_heads=args.heads, window_size=args.window, norm=norm, deterministic=True
+    )
+
+
+class StreamStep:
+    """One cell on a stream of batch-1 inputs: each call runs one compiled step, waited for."""
+
+    def __init__(self, cell: nn.RNNCellBase, inputs: int, seed: int = 0):
+        key_init, key_x = jax.random.split(jax.random.key(seed))
+        self.x = jax.random.normal(key_x, (1, inputs))
+        self.carry = cell.initialize_carry(key_init, self.x.shape)
+        self.variables = cell.init(key_init, self.carry, self.x)
+        self.step = jax.jit(cell.apply)
+
+    def __call__(self) -> None:
+        """Advances the stream by one step."""
+        self.carry, h = self.step(self.variables, self.carry, self.x)
+        jax.block_until_ready(h)
+
+
+def scan_per_step(cell: nn.RNNCellBase, inputs: int, steps: int) -> Callable[[], None]:
+    """A compiled scan of ``cell`` over ``(1, steps, inputs)`` (evaluation mode), to be timed."""
+    layer = LARNNLayer(cell)
+    x = jax.random.normal(jax.random.key(1), (1, steps, inputs))
+    variables = layer.init(jax.random.key(0), x, deterministic=True)
+    run = jax.jit(lambda variables, x: layer.apply(variables, x, deterministic=True))
+    return lambda: jax.block_until_ready(run(variables, x))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=PAPER["hidden"])
+    parser.add_argument("--heads", type=int, default=PAPER["heads"])
+    parser.add_argument("--window", type=int, default=PAPER["window"])
+    parser.add_argument("--inputs", type=int, default=PAPER["hidden"])
+    parser.add_argument("--calls", type=int, default=3000, help="timed steps per cell")
+    parser.add_argument("--scan-steps", type=int, default=1000, help="steps of the in-scan run")
+    labels = [f"{name}/{norm}" if norm else name for name, norm in CELLS]
+    parser.add_argument("--cells", default=",".join(labels), help=f"subset of {labels}")
+    add_run_arguments(parser, "streaming", repeats=10, warmup=100, memory_budget=False)
+    args = parser.parse_args(argv)
+    chosen = [c for c in args.cells.split(",") if c]
+    if set(chosen) - set(labels):
+        parser.error(f"unknown cells {sorted(set(chosen) - set(labels))}; choose from {labels}")
+
+    selected = [(label, spec) for label, spec in zip(labels, CELLS, strict=True) if label in chosen]
+    names = [label for label, _ in selected]
+    cells = [make_cell(name, norm, args) for _, (name, norm) in selected]
+    streams = {
+        label: StreamStep(cell, args.inputs) for label, cell in zip(names, cells, strict=True)
+    }
+    step_samples = interleaved_timings(streams, repeats=args.calls, warmup=args.warmup)
+    scans = {
+        label: scan_per_step(cell, args.inputs, args.scan_steps)
+        for label, cell in zip(names, cells, strict=True)
+    }
+    scan_samples = interleaved_timings(scans, repeats=args.repeats, warmup=1)
+
+    rows = []
+    for label in names:
+        step = summarize(step_samples[label])
+        rows.append(
+            {
+                "cell": label,
+                "median_us": step["median_s"] * 1e6,
+                "p99_us": step["p99_s"] * 1e6,
+                "min_us": step["min_s"] * 1e6,
+                "in_scan_us": summarize(scan_samples[label])["median_s"] * 1e6 / args.scan_steps,
+                "calls": step["repeats"],
+            }
+        )
+    payload = {"benchmark": "streaming", "config": vars(args), "rows": rows}
+
+    print(describe_machine(machine_info()))
+    print(
+        f"batch 1, D={args.inputs}, H={args.hidden}, heads {args.heads}, k={args.window}; "
+        f"{args.calls} calls per cell, in turns; in-scan: {args.scan_steps} steps, median of "
+        f"{args.repeats}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                Column("cell", "cell/norm"),
+                Column("median_us", "median µs", "{:.1f}"),
+                Column("p99_us", "p99 µs", "{:.1f}"),
+                Column("min_us", "min µs", "{:.1f}"),
+                Column("in_scan_us", "in-scan µs/step", "{:.1f}"),
+            ],
+        )
+    )
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

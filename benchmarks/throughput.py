@@ -1,0 +1,228 @@
+"""Training and inference throughput at the paper's configuration, against Flax's LSTM.
+
+One training step is forward + backward + Adam update of the whole classifier (SPEC §3),
+jit-compiled; inference is the evaluation-mode forward pass. Models: LARNN, LARNN with
+rematerialised training scans (``larnn_remat``: ``LARNNLayer(checkpoint_every=N)``, ``N`` the
+divisor of ``T`` nearest ``sqrt(T)`` unless ``--checkpoint-every``), LARNN with the naive cell
+(:mod:`benchmarks.naive_cell`), the BN-LSTM (``bnlstm``), Flax's ``nn.LSTMCell`` (``lstm``)
+and, when ``torch`` is importable, PyTorch's ``nn.LSTM`` (``torch_lstm``: input projection, a
+``num_layers``-layer ``nn.LSTM`` without residual sums, classifier on the last step; eager).
+
+All models are timed in turns (see :func:`benchmarks.common.interleaved_timings`); every figure
+is a median, reported with its ratio to Flax's LSTM from the same run.
+
+    python -m benchmarks.throughput                       # the paper configuration
+    python -m benchmarks.throughput --batch 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    GIB,
+    Column,
+    InferenceBench,
+    TrainingBench,
+    Workload,
+    add_run_arguments,
+    add_workload_arguments,
+    describe_machine,
+    format_table,
+    interleaved_timings,
+    machine_info,
+    memory_budget_bytes,
+    summarize,
+    workload_from_args,
+    write_json,
+)
+
+MODELS = ("larnn", "larnn_remat", "larnn_naive", "bnlstm", "lstm", "torch_lstm")
+BASELINE = "lstm"
+TARGET_RATIO = 3.0  # the project's target: a LARNN training step <= 3x Flax LSTM's
+
+
+def torch_benches(workload: Workload) -> tuple[Callable[[], None], Callable[[], None]] | None:
+    """PyTorch ``nn.LSTM`` training-step and inference callables, or ``None`` without torch.
+
+    Same batch, sizes and loss as ``workload`` (``block='lstm'``); runs on CUDA when both JAX and
+    torch see a GPU, else on the CPU.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    import jax
+
+    device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(workload.inputs, workload.hidden)
+    lstm = torch.nn.LSTM(workload.hidden, workload.hidden, workload.layers, batch_first=True)
+    classifier = torch.nn.Linear(workload.hidden, workload.classes)
+    modules = torch.nn.ModuleList([projection, lstm, classifier]).to(device)
+    optimizer = torch.optim.Adam(modules.parameters(), lr=1e-3)
+    x_jax, y_jax = workload.data()
+    x = torch.from_numpy(np.asarray(x_jax)).to(device)
+    y = torch.from_numpy(np.asarray(y_jax)).long().to(device)
+
+    def logits() -> Any:
+        sequence, _ = lstm(torch.nn.functional.elu(projection(x)))
+        return classifier(sequence[:, -1])
+
+    def wait() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def train() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(logits(), y).backward()
+        optimizer.step()
+        wait()
+
+    def infer() -> None:
+        with torch.no_grad():
+            logits()
+        wait()
+
+    return train, infer
+
+
+def _ratio(value: float | None, baseline: float | None) -> float | None:
+    return None if value is None or not baseline else value / baseline
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
+    add_run_arguments(parser, "throughput", repeats=5)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {MODELS}")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    budget = memory_budget_bytes(args.memory_budget_gb)
+
+    train: dict[str, Callable[[], Any]] = {}
+    infer: dict[str, Callable[[], Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for model in models:
+        if model == "torch_lstm":
+            benches = torch_benches(workload_from_args(args, "lstm"))
+            if benches is None:
+                skipped[model] = "torch is not importable"
+                continue
+            train[model], infer[model] = benches
+            info[model] = {"compile_s": None, "infer_compile_s": None, "memory": None}
+            continue
+        workload = workload_from_args(args, model)
+        training = TrainingBench.of(workload)
+        needed = training.memory["total_bytes"]
+        if budget is not None and needed is not None and needed > budget:
+            skipped[model] = f"needs {needed / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB"
+            continue
+        inference = InferenceBench.of(workload)
+        train[model], infer[model] = training, inference
+        info[model] = {
+            "compile_s": training.compile_seconds,
+            "infer_compile_s": inference.compile_seconds,
+            "memory": training.memory,
+            "parameters": training.parameters,
+        }
+        print(f"compiled {model}: {training.compile_seconds:.1f} s", flush=True)
+
+    train_times = interleaved_timings(train, args.repeats, args.warmup)
+    infer_times = interleaved_timings(infer, args.repeats, args.warmup)
+    base_train = summarize(train_times[BASELINE])["median_s"] if BASELINE in train else None
+    base_infer = summarize(infer_times[BASELINE])["median_s"] if BASELINE in infer else None
+    base_compile = info.get(BASELINE, {}).get("compile_s")
+
+    rows = []
+    for model in train:
+        training, inference = summarize(train_times[model]), summarize(infer_times[model])
+        memory = info[model]["memory"]
+        bench = train[model]
+        usage = bench.usage_summary() if isinstance(bench, TrainingBench) else {}
+        cpu = usage.get("cpu_user_s", 0.0) + usage.get("cpu_sys_s", 0.0)
+        rows.append(
+            {
+                "model": model,
+                "train_ms": training["median_s"] * 1e3,
+                "train_seq_per_s": args.batch / training["median_s"],
+                "train_vs_lstm": _ratio(training["median_s"], base_train),
+                "infer_ms": inference["median_s"] * 1e3,
+                "infer_seq_per_s": args.batch / inference["median_s"],
+                "infer_vs_lstm": _ratio(inference["median_s"], base_infer),
+                "compile_s": info[model]["compile_s"],
+                "compile_vs_lstm": _ratio(info[model]["compile_s"], base_compile),
+                "train_memory_gib": None if memory is None else memory["total_bytes"] / GIB,
+                **usage,
+                "train_cpu_s": cpu or None,
+                "train_sys_share": usage["cpu_sys_s"] / cpu if cpu else None,
+                "train_samples_s": train_times[model],
+                "infer_samples_s": infer_times[model],
+                **{k: v for k, v in info[model].items() if k not in ("compile_s", "memory")},
+                "train_memory": memory,
+            }
+        )
+    base_cpu = next((r["train_cpu_s"] for r in rows if r["model"] == BASELINE), None)
+    for row in rows:
+        row["train_cpu_vs_lstm"] = _ratio(row["train_cpu_s"], base_cpu)
+    larnn_ratio = next((r["train_vs_lstm"] for r in rows if r["model"] == "larnn"), None)
+    payload = {
+        "benchmark": "throughput",
+        "config": vars(args),
+        "rows": rows,
+        "skipped": skipped,
+        "target": {
+            "larnn_train_vs_lstm_max": TARGET_RATIO,
+            "larnn_train_vs_lstm": larnn_ratio,
+            "met": None if larnn_ratio is None else larnn_ratio <= TARGET_RATIO,
+        },
+    }
+    print(describe_machine(machine_info()))
+    print(
+        f"batch {args.batch}, T={args.steps}, D={args.inputs}, H={args.hidden}, "
+        f"heads {args.heads}, k={args.window}, {args.layers} layers; median of {args.repeats}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                Column("model", "model"),
+                Column("train_ms", "train ms/step", "{:.1f}"),
+                Column("train_seq_per_s", "train seq/s", "{:.0f}"),
+                Column("train_vs_lstm", "x LSTM", "{:.2f}"),
+                Column("infer_ms", "infer ms/batch", "{:.1f}"),
+                Column("infer_seq_per_s", "infer seq/s", "{:.0f}"),
+                Column("infer_vs_lstm", "x LSTM", "{:.2f}"),
+                Column("compile_s", "compile s", "{:.1f}"),
+                Column("compile_vs_lstm", "x LSTM", "{:.2f}"),
+                Column("train_memory_gib", "train GiB", "{:.2f}"),
+                Column("train_cpu_s", "train CPU s", "{:.2f}"),
+                Column("train_cpu_vs_lstm", "x LSTM", "{:.2f}"),
+                Column("train_sys_share", "kernel share", "{:.0%}"),
+            ],
+        )
+    )
+    if "larnn_remat" in train:
+        chunk = workload_from_args(args, "larnn_remat").chunk
+        print(f"larnn_remat: LARNNLayer(checkpoint_every={chunk})")
+    for model, reason in skipped.items():
+        print(f"skipped {model}: {reason}")
+    if larnn_ratio is not None:
+        verdict = "met" if payload["target"]["met"] else "NOT met"
+        print(f"target LARNN step <= {TARGET_RATIO:g}x LSTM: {larnn_ratio:.2f}x, {verdict}")
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
