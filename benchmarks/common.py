@@ -62,7 +62,6 @@ PAPER = {
 BLOCKS = ("larnn", "larnn_remat", "larnn_naive", "bnlstm", "lstm")
 
 Tree = Any
-Payload = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
