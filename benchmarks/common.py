@@ -38,7 +38,6 @@ import numpy as np
 import optax
 
 from benchmarks.naive_cell import NaiveSequenceClassifier
-from larnn_jax import LARNNLayer
 from larnn_jax.models import SequenceClassifier
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -362,56 +361,6 @@ def default_checkpoint_every(steps: int) -> int:
     return min(divisors, key=lambda d: abs(d - steps**0.5))
 
 
-class CheckpointedStack(nn.Module):
-    """Residual LARNN layers whose training scans are rematerialised in chunks of ``N`` steps.
-
-    ``s_l = s_{l-1} + LARNNLayer(cell, checkpoint_every=N)(s_{l-1})``: the stack of
-    :class:`larnn_jax.LARNN` (residual stacking) with the layers' ``checkpoint_every`` option,
-    which the stack does not expose. Each layer gets its own copy of ``cell``.
-    """
-
-    cell: nn.RNNCellBase
-    num_layers: int
-    checkpoint_every: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        """``(B, T, H)`` → ``(B, T, H)``."""
-        for index in range(self.num_layers):
-            layer = LARNNLayer(
-                self.cell.clone(parent=None, name=None),
-                checkpoint_every=self.checkpoint_every,
-                name=f"layer_{index}",
-            )
-            x = x + layer(x, deterministic=deterministic)
-        return x
-
-
-class CheckpointedClassifier(SequenceClassifier):
-    """:class:`~larnn_jax.models.SequenceClassifier` (``'larnn'``) on a :class:`CheckpointedStack`.
-
-    Same computation and results as the classifier; only the training step's memory and time
-    differ.
-    """
-
-    checkpoint_every: int = 16
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, *, deterministic: bool, seq_lengths: jax.Array | None = None
-    ) -> jax.Array:
-        """Logits ``(B, C)`` for ``x`` ``(B, T, D)`` (every sequence ``T`` long)."""
-        if seq_lengths is not None:
-            raise ValueError("rematerialised scans take sequences of one length")
-        hidden = nn.elu(nn.Dense(self.features, name="input_projection")(x))
-        stack = CheckpointedStack(
-            self.make_cell(), self.num_layers, self.checkpoint_every, name="recurrent"
-        )
-        return nn.Dense(self.num_classes, name="classifier")(
-            stack(hidden, deterministic=deterministic)[:, -1]
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A classifier (SPEC §3) and the batch it trains on; the unit every benchmark measures.
@@ -419,7 +368,7 @@ class Workload:
     ``block`` is one of :data:`BLOCKS`; ``'larnn_naive'`` is the LARNN network (same variables)
     with :class:`~benchmarks.naive_cell.NaiveLARNNCell`; ``'larnn_remat'`` the LARNN network
     with rematerialised training scans in chunks of ``checkpoint_every`` steps (default: the
-    divisor of ``steps`` nearest its square root), see :class:`CheckpointedClassifier`.
+    divisor of ``steps`` nearest its square root), ``SequenceClassifier(checkpoint_every=N)``.
     """
 
     block: str
@@ -449,7 +398,7 @@ class Workload:
         if self.block == "larnn_naive":
             model_class = NaiveSequenceClassifier
         elif self.block == "larnn_remat":
-            model_class, extra = CheckpointedClassifier, {"checkpoint_every": self.chunk}
+            extra = {"checkpoint_every": self.chunk}
         return model_class(
             num_classes=self.classes,
             block="larnn" if self.block.startswith("larnn") else self.block,

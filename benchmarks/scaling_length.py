@@ -36,7 +36,6 @@ import numpy as np
 from benchmarks.common import (
     GIB,
     PAPER,
-    CheckpointedStack,
     Column,
     TrainingBench,
     add_run_arguments,
@@ -106,7 +105,12 @@ def build_model(name: str, args: argparse.Namespace, length: int) -> PooledClass
     if name == "larnn":
         block: nn.Module = LARNN(cell, num_layers=args.layers, residual_stacking=True)
     elif name == "larnn_remat":
-        block = CheckpointedStack(cell, args.layers, default_checkpoint_every(length))
+        block = LARNN(
+            cell,
+            num_layers=args.layers,
+            residual_stacking=True,
+            checkpoint_every=default_checkpoint_every(length),
+        )
     else:
         block = CausalSelfAttention(args.hidden, args.heads)
     return PooledClassifier(block, args.hidden, PAPER["classes"])

@@ -169,11 +169,14 @@ class LARNN(nn.Module):
       cell: the cell every layer uses (each layer gets its own copy and parameters).
       num_layers: ``L >= 1``.
       residual_stacking: sum each layer's input into its output.
+      checkpoint_every: rematerialise every layer's training scan in chunks of this many steps
+        (see :class:`LARNNLayer`); ``None``: off.
     """
 
     cell: nn.RNNCellBase
     num_layers: int = 1
     residual_stacking: bool = True
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -210,7 +213,11 @@ class LARNN(nn.Module):
         sequence = inputs
         carries = []
         for index in range(self.num_layers):
-            layer = LARNNLayer(_with_mode(self.cell, deterministic), name=f"layer_{index}")
+            layer = LARNNLayer(
+                _with_mode(self.cell, deterministic),
+                checkpoint_every=self.checkpoint_every,
+                name=f"layer_{index}",
+            )
             carry, outputs = layer(
                 sequence,
                 initial_carry=None if initial_carries is None else initial_carries[index],

@@ -28,6 +28,8 @@ class SequenceClassifier(nn.Module):
 
     The attributes after ``block`` configure the recurrent cells (see
     :class:`~larnn_jax.LARNNCell`); those a block does not have are ignored by it.
+    ``checkpoint_every`` rematerialises the training scans to save memory on long sequences
+    (see :class:`~larnn_jax.LARNNLayer`).
     """
 
     num_classes: int
@@ -45,6 +47,7 @@ class SequenceClassifier(nn.Module):
     kv_dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     dtype: Dtype | None = None
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
@@ -95,6 +98,7 @@ class SequenceClassifier(nn.Module):
             self.make_cell(),
             num_layers=self.num_layers,
             residual_stacking=self.residual_stacking,
+            checkpoint_every=self.checkpoint_every,
             name="recurrent",
         )
         sequence = stack(hidden, deterministic=deterministic, seq_lengths=seq_lengths)
