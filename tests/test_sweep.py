@@ -1,0 +1,493 @@
+"""Sweeps: the paper's search spaces, trial configurations, analysis, and real Ray Tune sweeps on
+a local two-node Ray cluster (one trial failing on purpose, one sweep killed and resumed)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hyperopt import hp
+from hyperopt.pyll import stochastic
+
+from experiments import analyze_sweep, sweep
+from experiments.search_spaces import (
+    ROUND_1,
+    ROUND_2,
+    SearchSpace,
+    get_space,
+    resolve_point,
+    round_to_multiple,
+)
+from experiments.train import ConfigError, NonFiniteLossError, TrainConfig, load_config_file
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: A search space small enough for trials of a few seconds.
+TINY_SPACE = SearchSpace(
+    name="tiny",
+    sampled={
+        "learning_rate": hp.loguniform("learning_rate", math.log(0.003), math.log(0.03)),
+        "hidden": hp.uniform("hidden", 3, 7),
+        "heads": hp.quniform("heads", 1, 2, 1),
+    },
+    fixed={"window": 2, "layers": 1, "batch_size": 16, "epochs": 2},
+)
+#: The same, with a first trial whose learning rate makes the loss NaN at its second step.
+FAILING_SPACE = dataclasses.replace(
+    TINY_SPACE, initial_points=({"learning_rate": 1e30, "hidden": 4.0, "heads": 2.0},)
+)
+
+#: (low, high) of every sampled field, from SPEC §4 (``c·loguniform(-s, s)`` = c·e^-s .. c·e^s).
+SPEC_RANGES = {
+    "round1": {
+        "learning_rate": (0.005 * math.exp(-0.5), 0.005 * math.exp(0.5)),
+        "decay_every": (3, 10),
+        "l2": (0.005 * math.exp(-1.3), 0.005 * math.exp(1.3)),
+        "dropout": (0.05, 0.5),
+        "hidden": (64 * math.exp(-0.6), 64 * math.exp(0.6)),
+        "heads": (6, 36),
+        "window": (10, 50),
+    },
+    "round2": {
+        "learning_rate": (0.006 * math.exp(-0.4), 0.006 * math.exp(0.4)),
+        "decay_every": (6, 50),
+        "l2": (0.002 * math.exp(-1.3), 0.002 * math.exp(1.3)),
+        "dropout": (0.05, 0.5),
+        "hidden": (68 * math.exp(-0.3), 68 * math.exp(0.3)),
+        "heads": (20, 40),
+        "window": (25, 100),
+    },
+}
+SPEC_CHOICES = {
+    "round1": {
+        "mode": {"residual", "layer"},
+        "positional_encoding": {False, True},
+        "kv_activation": {False, True},
+        "layers": {2, 3},
+        "residual_stacking": {False, True},
+    },
+    "round2": {"mode": {"residual", "layer"}, "positional_encoding": {False, True}},
+}
+
+
+def sample(space: SearchSpace, count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [stochastic.sample(space.hyperopt_space(), rng=rng) for _ in range(count)]
+
+
+def write_dataset(path: pathlib.Path, *, train_rows: int, steps: int = 8) -> pathlib.Path:
+    """A small 3-class ``.npz`` task (the class shifts channel 0) with its own validation split."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, rows in (("train", train_rows), ("val", 32), ("test", 32)):
+        labels = rng.integers(0, 3, rows)
+        x = rng.normal(0.0, 1.0, (rows, steps, 2)).astype(np.float32)
+        x[:, :, 0] += labels[:, None]
+        arrays[f"X_{split}"], arrays[f"y_{split}"] = x, labels
+    np.savez(path, **arrays)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Spaces and trial configurations
+
+
+@pytest.mark.parametrize("space", [ROUND_1, ROUND_2], ids=lambda space: space.name)
+def test_spaces_sample_the_ranges_of_the_spec(space: SearchSpace) -> None:
+    points = sample(space, 3000)
+    ranges, choices = SPEC_RANGES[space.name], SPEC_CHOICES[space.name]
+    assert set(space.sampled) == set(ranges) | set(choices)
+    for name, (low, high) in ranges.items():
+        values = np.array([point[name] for point in points])
+        assert values.min() >= low * (1 - 1e-9) and values.max() <= high * (1 + 1e-9), name
+        # The whole range is used, not a narrower one.
+        assert values.min() - low < 0.02 * (high - low) and high - values.max() < 0.02 * (
+            high - low
+        ), name
+    for name, expected in choices.items():
+        assert {point[name] for point in points} == expected, name
+    for name in ("decay_every", "heads"):
+        assert all(float(point[name]).is_integer() for point in points), name
+
+
+def test_fixed_values_of_each_round() -> None:
+    assert ROUND_1.settings() == {"model": "larnn", "epochs": 25, "batch_size": 256}
+    assert ROUND_2.settings() == {
+        "model": "larnn",
+        "epochs": 100,
+        "batch_size": 256,
+        "layers": 3,
+        "residual_stacking": True,
+        "kv_activation": True,
+    }
+    assert ROUND_2.settings({"epochs": 4})["epochs"] == 4
+
+
+@pytest.mark.parametrize("space", [ROUND_1, ROUND_2], ids=lambda space: space.name)
+def test_points_resolve_to_valid_configs_with_hidden_a_multiple_of_heads(
+    space: SearchSpace,
+) -> None:
+    for point in sample(space, 500, seed=1):
+        config, requested = resolve_point(point)
+        assert isinstance(config, TrainConfig)
+        assert requested == point["hidden"]
+        assert config.hidden % config.heads == 0
+        assert abs(config.hidden - requested) <= config.heads / 2 or config.hidden == config.heads
+        assert config.heads == round(point["heads"])
+        assert config.decay_every == round(point["decay_every"])
+        assert config.window == int(point["window"])
+        assert config.epochs == space.fixed["epochs"]
+
+
+def test_resolve_point_rules() -> None:
+    config, requested = resolve_point(
+        {"hidden": 75.3, "heads": 27.0, "window": 63.9, "decay_every": 26.0, "learning_rate": 0.01}
+    )
+    assert (config.hidden, requested, config.heads, config.window, config.decay_every) == (
+        81,
+        75.3,
+        27,
+        63,
+        26,
+    )
+    assert type(config.heads) is int and type(config.window) is int
+    assert round_to_multiple(50.4, 40) == 40  # never below one head's width
+    assert round_to_multiple(60.0, 40) == 80  # halves round up
+    assert resolve_point({"hidden": 13, "heads": 3}).config.hidden == 12
+    with pytest.raises(ConfigError, match="dropout"):
+        resolve_point({"dropout": 1.5})
+
+
+def test_space_definitions_are_checked() -> None:
+    with pytest.raises(ConfigError, match="not TrainConfig fields: hiden"):
+        SearchSpace(name="typo", sampled={"hiden": hp.uniform("hiden", 1, 2)})
+    with pytest.raises(ConfigError, match="trial budget"):
+        SearchSpace(name="budget", sampled={"epochs": hp.uniform("epochs", 1, 2)})
+    with pytest.raises(ConfigError, match="exactly the sampled fields"):
+        dataclasses.replace(TINY_SPACE, initial_points=({"hidden": 4.0},))
+    with pytest.raises(ConfigError, match="samples hidden"):
+        TINY_SPACE.settings({"hidden": 8})
+    assert get_space("round2") is ROUND_2
+    assert get_space(f"{__name__}:TINY_SPACE") is TINY_SPACE
+    for bad in ("round3", f"{__name__}:ROOT", "no_such_module:SPACE"):
+        with pytest.raises(ConfigError):
+            get_space(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line and driver pieces
+
+
+@pytest.mark.parametrize("module", [sweep, analyze_sweep], ids=lambda module: module.__name__)
+def test_help(module, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    sweep_flags = """--space --num-samples --max-concurrent --cpus-per-trial --gpus-per-trial
+        --address --storage --name --resume --scheduler --epochs --data-dir --dataset --seed
+        --grace-period --reduction-factor"""
+    flags = sweep_flags.split() if module is sweep else ["DIR", "--out"]
+    for flag in flags:
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--space", "round2", "--gpus-per-trial", "2"],
+        ["--resume"],
+        ["--num-samples", "3"],
+    ],
+)
+def test_invalid_arguments_exit_2(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(argv)
+    assert exit_info.value.code == 2
+
+
+def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) -> None:
+    assert sweep.main(["--space", "round3"]) == 2
+    assert "unknown space" in capsys.readouterr().err
+    assert sweep.main(["--resume", "--storage", str(tmp_path), "--name", "absent"]) == 2
+    assert "no Tune experiment to resume" in capsys.readouterr().err
+    assert sweep.main(["--space", "round2", "--epochs", "4", "--grace-period", "5"]) == 2
+    assert "grace period must be in 1..4" in capsys.readouterr().err
+
+
+def test_device_environment_of_trials() -> None:
+    assert sweep.device_env(0) == {"JAX_PLATFORMS": "cpu"}
+    assert sweep.device_env(0.25) == {
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225",
+    }
+    assert sweep.device_env(1) == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train.NonFiniteLossError has a keyword-only __init__, so copy.copy and pickle fail; "
+    "Ray then reports a TypeError instead of the trial's error (train.py needs __reduce__)",
+)
+def test_training_errors_survive_copy_and_pickle() -> None:
+    error = NonFiniteLossError("loss is nan", epoch=2, step=3, value=math.nan)
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert str(clone) == "loss is nan" and (clone.epoch, clone.step) == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis, from trial records
+
+
+def record(
+    trial_id: str, status: str, val: list[float], **point: object
+) -> analyze_sweep.TrialRecord:
+    history = [
+        {"epoch": epoch, "val_accuracy": v, "test_accuracy": v - 0.1, "node_id": "n1"}
+        for epoch, v in enumerate(val, start=1)
+    ]
+    return analyze_sweep.TrialRecord(
+        trial_id=trial_id,
+        tune_status=status,
+        error="NonFiniteLossError: loss is nan" if status == "ERROR" else "",
+        point={**TINY_SPACE.settings({"epochs": 3}), "heads": 2.0, **point},
+        history=history,
+    )
+
+
+def test_trial_table_best_config_and_figures(tmp_path: pathlib.Path, monkeypatch) -> None:
+    records = [
+        record("a", "TERMINATED", [0.5, 0.7, 0.6], hidden=5.2, learning_rate=0.01),
+        record("b", "TERMINATED", [0.4], hidden=3.1, learning_rate=0.02),  # stopped by ASHA
+        record("c", "ERROR", [], hidden=6.9, learning_rate=1e30),
+        record("d", "TERMINATED", [0.7, 0.8, 0.8], hidden=4.0, learning_rate=0.005),
+    ]
+    table = analyze_sweep.trial_table(records)
+    assert list(table["trial_id"]) == ["d", "a", "b", "c"]
+    assert list(table["status"]) == ["finished", "finished", "stopped early", "error"]
+    assert list(table["epochs_run"]) == [3, 3, 1, 0]
+    # The latest of equal validation accuracies, and the test accuracy of that epoch.
+    assert table["best_epoch"][0] == 3 and table["test_accuracy"][0] == pytest.approx(0.7)
+    assert table["best_epoch"][1] == 2 and table["test_accuracy"][1] == pytest.approx(0.6)
+    assert list(table["hidden"]) == [4, 6, 4, 6] and table["hidden_requested"][0] == 4.0
+    assert table["error"][3] == "NonFiniteLossError: loss is nan"
+    assert table.attrs["varying"] == ["hidden_requested", "hidden", "learning_rate"]
+
+    best = analyze_sweep.best_config(table, records)
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(best))
+    config = TrainConfig.from_dict(load_config_file(path))
+    assert (config.hidden, config.learning_rate, config.epochs) == (4, 0.005, 3)
+
+    monkeypatch.setattr(analyze_sweep, "load_experiment", lambda _: records)
+    assert analyze_sweep.main(["experiment", "--out", str(tmp_path / "out")]) == 0
+    for name in ("trials.csv", "trials.md", "best_config.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    for name in ("val_accuracy_per_epoch.png", "hyperparameters_scatter.png"):
+        assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG")
+    markdown = (tmp_path / "out" / "trials.md").read_text()
+    assert "| d | finished | 3 |" in markdown and "NonFiniteLossError" in markdown
+
+
+def test_summary_lists_errors_and_how_to_resume(monkeypatch, capsys) -> None:
+    records = [
+        record("a", "TERMINATED", [0.5, 0.6, 0.7]),
+        record("c", "ERROR", []),
+        record("p", "PENDING", [0.4]),
+    ]
+    monkeypatch.setattr(analyze_sweep, "load_experiment", lambda _: records)
+    assert sweep.summarize("EXPERIMENT", "RESUME") == 0
+    out = capsys.readouterr().out
+    assert "trial c failed: NonFiniteLossError: loss is nan" in out
+    assert out.count("3 trials: ") == 1
+    for part in ("1 finished", "1 error", "1 pending"):
+        assert part in out
+    assert "unfinished trials: resume with RESUME" in out
+    assert "results: EXPERIMENT" in out
+    monkeypatch.setattr(analyze_sweep, "load_experiment", lambda _: records[1:2])
+    assert sweep.summarize("EXPERIMENT", "RESUME") == 1  # every trial failed
+
+
+def test_describe_error() -> None:
+    assert analyze_sweep.describe_error(None) == ""
+    assert analyze_sweep.describe_error(ValueError("bad")) == "ValueError: bad"
+    assert analyze_sweep.describe_error("Traceback ...\n  File x\nValueError: bad\n") == (
+        "ValueError: bad"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Real sweeps on a local two-node Ray cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of two nodes with one CPU and one (declared) GPU each; shut down after
+    the module's tests, failed or not."""
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 100 * 1024**2}
+    ray_cluster = Cluster(initialize_head=True, head_node_args=node)
+    try:
+        ray_cluster.add_node(**node)
+        ray_cluster.wait_for_nodes()
+        yield ray_cluster
+    finally:
+        ray_cluster.shutdown()
+
+
+def node_ids(ray_cluster) -> set[str]:
+    return {node.node_id for node in [ray_cluster.head_node, *ray_cluster.worker_nodes]}
+
+
+@pytest.mark.slow
+def test_sweep_on_two_nodes_with_a_failing_trial(cluster, tmp_path: pathlib.Path, capsys) -> None:
+    data = write_dataset(tmp_path / "toy.npz", train_rows=64)
+    status = sweep.main(
+        [
+            "--space",
+            f"{__name__}:FAILING_SPACE",
+            "--num-samples",
+            "4",
+            "--address",
+            cluster.address,
+            "--cpus-per-trial",
+            "1",
+            "--gpus-per-trial",
+            "0.5",  # two trials could share each GPU: checks the workers' XLA settings
+            "--storage",
+            str(tmp_path / "sweeps"),
+            "--name",
+            "two-nodes",
+            "--dataset",
+            f"npz:{data}",
+        ]
+    )
+    output = capsys.readouterr().out
+    assert status == 0
+    experiment = tmp_path / "sweeps" / "two-nodes"
+    assert f"results: {experiment}" in output
+    table = analyze_sweep.trial_table(analyze_sweep.load_experiment(str(experiment)))
+    succeeded = table[table["status"].isin(analyze_sweep.SUCCEEDED)]
+    assert len(succeeded) == 3 and (table["status"] == "error").sum() == 1
+    failed = table[table["status"] == "error"].iloc[0]
+    assert failed["learning_rate"] == 1e30 and failed["epochs_run"] == 0
+    assert failed["error"].startswith("NonFiniteLossError: the training loss is nan")
+    assert f"trial {failed['trial_id']} failed: NonFiniteLossError" in output
+    assert "1 error" in output
+    # ASHA (grace period 1 of 2 epochs) may stop trials after their first epoch.
+    assert set(succeeded["epochs_run"]) <= {1, 2}
+    assert (succeeded["epochs_run"] == 2).any()
+    assert (succeeded["hidden"] % succeeded["heads"] == 0).all()
+    assert succeeded["hidden_requested"].between(3, 7).all()
+    used = {node for nodes in succeeded["nodes"] for node in nodes.split(",")}
+    assert used == node_ids(cluster)
+
+    out = tmp_path / "analysis"
+    assert analyze_sweep.main([str(experiment), "--out", str(out)]) == 0
+    csv = out / "trials.csv"
+    assert len(csv.read_text().splitlines()) == 5
+    assert "NonFiniteLossError" in (out / "trials.md").read_text()
+    best = TrainConfig.from_dict(load_config_file(out / "best_config.json"))
+    assert best.hidden == table["hidden"].iloc[0] and best.epochs == 2
+    for name in ("val_accuracy_per_epoch.png", "hyperparameters_scatter.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def saved_trials(experiment: pathlib.Path) -> dict[str, analyze_sweep.TrialRecord]:
+    """The trials as the experiment's saved state has them ({} before the first save)."""
+    try:
+        return {
+            record.trial_id: record for record in analyze_sweep.load_experiment(str(experiment))
+        }
+    except (ValueError, FileNotFoundError):
+        return {}
+
+
+def raw_results(experiment: pathlib.Path, trial_id: str) -> list[dict]:
+    lines = (experiment / f"trial_{trial_id}" / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(
+    cluster, tmp_path: pathlib.Path
+) -> None:
+    data = write_dataset(tmp_path / "toy.npz", train_rows=12000)  # epochs of a few seconds
+    storage, name = tmp_path / "sweeps", "killed"
+    experiment = storage / name
+    common = ["--address", cluster.address, "--storage", str(storage), "--name", name]
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent)}
+    command = [sys.executable, "-m", "experiments.sweep"]
+    first = subprocess.Popen(
+        [
+            *command,
+            *common,
+            *["--space", f"{pathlib.Path(__file__).stem}:TINY_SPACE", "--num-samples", "3"],
+            *["--epochs", "4", "--max-concurrent", "1", "--scheduler", "fifo"],
+            *["--dataset", f"npz:{data}"],
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Kill the driver once the saved state has one finished trial and one under way (saved
+        # as PENDING: to be started again).
+        def one_done_one_running() -> bool:
+            statuses = [(r.tune_status, len(r.history)) for r in saved_trials(experiment).values()]
+            return ("TERMINATED", 4) in statuses and any(
+                status == "PENDING" and 1 <= epochs < 4 for status, epochs in statuses
+            )
+
+        wait_for(one_done_one_running, 300, "a finished and a running trial")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    before = saved_trials(experiment)
+    done_before = [i for i, r in before.items() if r.tune_status == "TERMINATED"]
+    interrupted = [i for i, r in before.items() if r.tune_status == "PENDING" and r.history]
+    assert len(done_before) >= 1 and len(interrupted) == 1
+    finished_results = {i: raw_results(experiment, i) for i in done_before}
+
+    resumed = subprocess.run(
+        [*command, *common, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "3 trials: 3 finished" in resumed.stdout
+
+    after = saved_trials(experiment)
+    assert len(after) == 3
+    assert all(r.tune_status == "TERMINATED" and len(r.history) == 4 for r in after.values())
+    for trial_id, results in finished_results.items():
+        assert raw_results(experiment, trial_id) == results  # not run again
+    for trial_id in after:
+        results = raw_results(experiment, trial_id)
+        # Every epoch reported once, in order: resumed trials continued from their checkpoint.
+        assert [r["epoch"] for r in results] == [1, 2, 3, 4]
+        assert [r["training_iteration"] for r in results] == [1, 2, 3, 4]
+    for trial_id in interrupted:
+        pids = [r["pid"] for r in raw_results(experiment, trial_id)]
+        assert len(set(pids)) == 2, "the interrupted trial ran in two processes"
