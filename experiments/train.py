@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -68,6 +69,11 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, *, epoch: int, step: int | None, value: float):
         super().__init__(message)
         self.epoch, self.step, self.value = epoch, step, value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Copy and pickle with the keyword arguments (Ray copies a failed trial's error)."""
+        rebuild = functools.partial(type(self), epoch=self.epoch, step=self.step, value=self.value)
+        return rebuild, self.args
 
 
 def _option(default: Any, help: str, **extra: Any) -> Any:

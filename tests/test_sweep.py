@@ -235,11 +235,6 @@ def test_device_environment_of_trials() -> None:
     assert sweep.device_env(1) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.NonFiniteLossError has a keyword-only __init__, so copy.copy and pickle fail; "
-    "Ray then reports a TypeError instead of the trial's error (train.py needs __reduce__)",
-)
 def test_training_errors_survive_copy_and_pickle() -> None:
     error = NonFiniteLossError("loss is nan", epoch=2, step=3, value=math.nan)
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
