@@ -34,11 +34,12 @@ from experiments.train import (
     build_model,
     configure_logging,
     init_state,
+    load_config_dataset,
     make_evaluator,
     make_optimizer,
     model_variables,
 )
-from larnn_jax.data import DataError, Dataset, load_dataset
+from larnn_jax.data import DataError, Dataset
 from larnn_jax.models import SequenceClassifier
 
 log = logging.getLogger("experiments.evaluate")  # not __name__: "__main__" under -m
@@ -98,14 +99,7 @@ def restore_run(
         config = TrainConfig.from_dict(meta["config"])
         if data_dir is not None:
             config = dataclasses.replace(config, data_dir=data_dir)
-        dataset = load_dataset(
-            config.dataset,
-            config.data_dir,
-            validation_subjects=config.validation_subjects,
-            validation_fraction=config.validation_fraction,
-            standardize=config.standardize,
-            seed=config.seed,
-        )
+        dataset = load_config_dataset(config)
         model = build_model(config, dataset.num_classes)
         # Only the structure of the optimiser state matters here, not its schedule.
         tx = make_optimizer(config, steps_per_epoch=1)

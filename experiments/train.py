@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from experiments import report
 from experiments.checkpoints import CheckpointStore
-from larnn_jax.data import DataError, Split, load_dataset
+from larnn_jax.data import DataError, Dataset, Split, load_dataset
 from larnn_jax.models import SequenceClassifier
 
 log = logging.getLogger("experiments.train")  # not __name__: that is "__main__" under -m
@@ -299,6 +299,18 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
         dropout_rate=config.dropout,
         kv_dropout_rate=config.kv_dropout,
         attention_dropout_rate=config.attention_dropout,
+    )
+
+
+def load_config_dataset(config: TrainConfig) -> Dataset:
+    """The dataset ``config`` names, split and standardised as its settings say."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir,
+        validation_subjects=config.validation_subjects,
+        validation_fraction=config.validation_fraction,
+        standardize=config.standardize,
+        seed=config.seed,
     )
 
 
@@ -567,14 +579,7 @@ def _train_in(
     epoch_callback: EpochCallback | None,
 ) -> dict[str, Any]:
     """The body of :func:`train`, with the run folder prepared and its checkpoints open."""
-    dataset = load_dataset(
-        config.dataset,
-        config.data_dir,
-        validation_subjects=config.validation_subjects,
-        validation_fraction=config.validation_fraction,
-        standardize=config.standardize,
-        seed=config.seed,
-    )
+    dataset = load_config_dataset(config)
     steps_per_epoch = len(dataset.train.y) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
