@@ -361,11 +361,10 @@ class LARNNCell(nn.RNNCellBase):
             values = self.value_norm(values, mask, use_running_average=running)
             value_scale, value_shift = 1.0, 0.0
 
+        dropping = self.attention_dropout_rate > 0 and not self.deterministic
+        weights_shape = (*mask.shape, self.num_heads) if dropping else ()  # () broadcasts
         weights_scale = _dropout(
-            self,
-            self.attention_dropout_rate,
-            jnp.ones((*mask.shape, self.num_heads), keys.dtype),
-            self.deterministic,
+            self, self.attention_dropout_rate, jnp.ones(weights_shape, keys.dtype), not dropping
         )
         context, weight_total = window_attention(
             query, keys, values, mask, weights_scale, self.num_heads
