@@ -4,11 +4,12 @@
     python -m experiments.evaluate --checkpoint runs/best/checkpoints --step 40
     python -m experiments.evaluate --checkpoint runs/best/checkpoints/40
 
-The configuration (model, data, preprocessing) comes from the checkpoint. Prints the test figures
-of :func:`experiments.report.classification_figures` (accuracy, weighted and macro F1, per-class
-accuracy, confusion matrix) as JSON, and writes them with a confusion-matrix plot to
-``evaluation-epoch<N>.json`` and ``evaluation-epoch<N>-confusion_matrix.png`` in the run folder
-(or ``--output``).
+The configuration (model, data, preprocessing) comes from the checkpoint. Prints the test loss,
+the number of test sequences whose logits diverged (see :func:`experiments.train.diverged_rows`)
+and the test figures of :func:`experiments.report.classification_figures` (accuracy, weighted and
+macro F1, per-class accuracy, confusion matrix) as JSON, and writes them with a confusion-matrix
+plot to ``evaluation-epoch<N>.json`` and ``evaluation-epoch<N>-confusion_matrix.png`` in the run
+folder (or ``--output``).
 """
 
 from __future__ import annotations
@@ -117,17 +118,21 @@ def evaluate_checkpoint(
     the test set.
 
     Returns:
-        ``{"checkpoint", "epoch", "dataset", "test_loss", "test"}``, ``test`` being the
-        :func:`~experiments.report.classification_figures` of the test set.
+        ``{"checkpoint", "epoch", "dataset", "test_loss", "test_diverged", "test"}``,
+        ``test_diverged`` being the number of test rows whose logits diverged (see
+        :func:`experiments.train.diverged_rows`; a warning is logged when it is not 0) and
+        ``test`` the :func:`~experiments.report.classification_figures` of the test set.
     """
     run = restore_run(checkpoint, step=step, data_dir=data_dir)
     evaluate = make_evaluator(run.model, run.config.batch_size)
     result = evaluate(model_variables(run.state), run.dataset.test)
+    report.warn_if_diverged(result.diverged, len(run.dataset.test.y), run.epoch)
     return {
         "checkpoint": str(run.checkpoint_dir),
         "epoch": run.epoch,
         "dataset": run.dataset.name,
         "test_loss": result.loss,
+        "test_diverged": result.diverged,
         "test": report.classification_figures(
             run.dataset.test.y, result.predictions, run.dataset.class_names
         ),

@@ -12,6 +12,7 @@ display is needed and pyplot's global state is never touched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -27,6 +28,8 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from larnn_jax.data import Dataset
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 LEARNING_CURVES_FILE = "learning_curves.png"
@@ -61,6 +64,21 @@ def select_epoch(history: Sequence[dict[str, Any]]) -> int:
         raise ValueError("empty history: no epoch to select")
     best = max(range(len(history)), key=lambda i: (selection_score(history[i]), i))
     return int(history[best]["epoch"])
+
+
+def warn_if_diverged(diverged: int | None, rows: int, epoch: int) -> None:
+    """Logs a warning when some of the ``rows`` test sequences diverged with the model of
+    ``epoch`` (``diverged`` None: not counted, as in runs recorded before it was)."""
+    if diverged:
+        log.warning(
+            "%d of %d test sequences diverged with the model of epoch %d: their logits are huge "
+            "or non-finite because the evaluation-mode recurrence (batch norm with running "
+            "averages) grows exponentially over time for them, not because the model is "
+            "confident; their predictions are unreliable and their losses dominate the test loss",
+            diverged,
+            rows,
+            epoch,
+        )
 
 
 def classification_figures(
@@ -140,10 +158,14 @@ def build(
             session's, if it was resumed; ``training_seconds`` adds up every epoch).
 
     Returns:
-        A JSON-serialisable dict; see the keys below.
+        A JSON-serialisable dict; see the keys below. ``test_diverged`` is the number of test
+        sequences that diverged at the selected epoch (None for histories recorded before it was
+        counted); a warning is logged when it is not 0.
     """
     selected = select_epoch(history)
     at_selected = next(line for line in history if line["epoch"] == selected)
+    test_diverged = at_selected.get("test_diverged")
+    warn_if_diverged(test_diverged, len(dataset.test.y), selected)
     best_test = max(history, key=lambda line: line["test_accuracy"])
     epoch_seconds = [line["epoch_seconds"] for line in history]
     if dataset.val is not None:
@@ -162,6 +184,7 @@ def build(
             "val_loss": at_selected["val_loss"],
         },
         "test": classification_figures(dataset.test.y, test_predictions, dataset.class_names),
+        "test_diverged": test_diverged,
         "optimistic_protocol_best_test_accuracy": best_test["test_accuracy"],
         "optimistic_protocol_best_test_epoch": best_test["epoch"],
         "optimistic_protocol_note": (

@@ -48,7 +48,7 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from experiments import analyze_sweep
 from experiments.search_spaces import SearchSpace, get_space, resolve_point
-from experiments.train import ConfigError, TrainConfig, train
+from experiments.train import ConfigError, TrainConfig, absolute_dataset_spec, train
 
 #: What the sweep maximises: the validation accuracy of each epoch.
 METRIC, MODE = "val_accuracy", "max"
@@ -350,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="dataset of every trial (default: uci_har)")
     parser.add_argument("--data-dir", help="data folder, as experiments.train's --data-dir")
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="rematerialise every trial's training scans in chunks of N time steps, as "
+        "experiments.train's --checkpoint-every (default: off)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the search and of every trial (default: 0)"
     )
     return parser
@@ -357,17 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig values the command line sets for every trial (paths made absolute, as
-    trials run in other working directories)."""
+    trials run in other working directories).
+
+    Raises:
+        ConfigError: an invalid value (checked here rather than in every trial).
+    """
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
     if args.dataset is not None:
-        path = args.dataset.removeprefix("npz:")
-        overrides["dataset"] = (
-            "npz:" + storage_uri(path) if args.dataset.startswith("npz:") else args.dataset
-        )
+        overrides["dataset"] = absolute_dataset_spec(args.dataset)
     if args.data_dir is not None:
         overrides["data_dir"] = storage_uri(args.data_dir)
+    TrainConfig.from_dict(overrides)
     return overrides
 
 

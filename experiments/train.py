@@ -139,6 +139,11 @@ class TrainConfig:
         "rows per training step, the last incomplete batch of each epoch being dropped; also "
         "the evaluation batch size",
     )
+    checkpoint_every: int | None = _option(
+        None,
+        "rematerialise the training scans in chunks of N time steps: about 10-20 percent more "
+        "time for much less memory; N must divide the sequence length (default: off)",
+    )
     seed: int = _option(
         0,
         "random seed of initialisation, validation split, shuffling (per epoch) and dropout "
@@ -198,6 +203,10 @@ class TrainConfig:
                 "need learning_rate > 0, l2 >= 0 and 0 < decay_factor <= 1; got "
                 f"{self.learning_rate}, {self.l2}, {self.decay_factor}"
             )
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(
+                f"checkpoint_every must be >= 1 (or null: off); got {self.checkpoint_every}"
+            )
         if self.validation_subjects < 0:
             raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
         if self.model == "larnn" and self.hidden % self.heads:
@@ -218,9 +227,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-#: Fields that may differ when a run is resumed: they change where things go or how long the run
-#: is, not what any completed epoch computes.
-RUN_FIELDS = frozenset({"epochs", "data_dir", "out", "progress"})
+#: Fields that may differ when a run is resumed: they change where things go, how long the run is
+#: or how much memory it takes, not what any completed epoch computes.
+RUN_FIELDS = frozenset({"epochs", "checkpoint_every", "data_dir", "out", "progress"})
 
 
 def _check_keys(values: dict[str, Any]) -> None:
@@ -299,6 +308,7 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
         dropout_rate=config.dropout,
         kv_dropout_rate=config.kv_dropout,
         attention_dropout_rate=config.attention_dropout,
+        checkpoint_every=config.checkpoint_every,
     )
 
 
@@ -415,13 +425,34 @@ def make_train_step(
     return train_step
 
 
+#: A row whose largest |logit| exceeds this has diverged. A softmax is saturated long before
+#: that; such rows come from an unstable evaluation-mode recurrence (hidden states growing
+#: exponentially over time with batch norm's running averages), not from confident predictions.
+DIVERGED_LOGIT = 1e3
+
+
+def diverged_rows(logits: jax.Array) -> jax.Array:
+    """Whether each row of ``logits`` ``(B, C)`` diverged ``(B,)``: a non-finite logit, or one
+    beyond :data:`DIVERGED_LOGIT` in magnitude."""
+    # NaN compares false, so a NaN row is not "all within bounds" either.
+    return ~jnp.all(jnp.abs(logits) <= DIVERGED_LOGIT, axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitResult:
-    """Evaluation of one split: mean loss, accuracy and the predicted class of every row."""
+    """Evaluation of one split.
+
+    Attributes:
+        loss: mean cross-entropy.
+        accuracy: fraction of rows predicted correctly.
+        predictions: the predicted class of every row ``(N,)``.
+        diverged: number of rows whose logits diverged (see :func:`diverged_rows`).
+    """
 
     loss: float
     accuracy: float
     predictions: np.ndarray
+    diverged: int
 
 
 def make_evaluator(
@@ -436,9 +467,14 @@ def make_evaluator(
     @jax.jit
     def eval_batch(
         variables: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Loss sum, predictions ``(B,)`` and diverged-row count of the rows ``mask`` keeps."""
         logits = model.apply(variables, x, deterministic=True)
-        return jnp.sum(per_example_loss(logits, y) * mask), jnp.argmax(logits, axis=-1)
+        return (
+            jnp.sum(per_example_loss(logits, y) * mask),
+            jnp.argmax(logits, axis=-1),
+            jnp.sum(diverged_rows(logits) & (mask > 0)),
+        )
 
     def evaluate(variables: PyTree, split: Split) -> SplitResult:
         rows = len(split.y)
@@ -448,14 +484,18 @@ def make_evaluator(
         y = np.zeros(padded, np.int32)
         y[:rows] = split.y
         mask = (np.arange(padded) < rows).astype(np.float32)
-        loss_sum, predictions = 0.0, []
+        loss_sum, predictions, diverged = 0.0, [], 0
         for start in range(0, padded, batch_size):
             batch = slice(start, start + batch_size)
-            batch_loss, batch_predictions = eval_batch(variables, x[batch], y[batch], mask[batch])
+            batch_loss, batch_predictions, batch_diverged = eval_batch(
+                variables, x[batch], y[batch], mask[batch]
+            )
             loss_sum += float(batch_loss)
             predictions.append(np.asarray(batch_predictions))
+            diverged += int(batch_diverged)
         predicted = np.concatenate(predictions)[:rows]
-        return SplitResult(loss_sum / rows, float(np.mean(predicted == split.y)), predicted)
+        accuracy = float(np.mean(predicted == split.y))
+        return SplitResult(loss_sum / rows, accuracy, predicted, diverged)
 
     return evaluate
 
@@ -474,8 +514,9 @@ def _default_out(config: TrainConfig) -> pathlib.Path:
     return pathlib.Path("runs") / f"{stamp}-{config.model}"
 
 
-def _normalized_dataset_spec(spec: str) -> str:
-    """``npz:PATH`` with PATH made absolute (so that resuming from elsewhere finds it)."""
+def absolute_dataset_spec(spec: str) -> str:
+    """``npz:PATH`` with PATH made absolute, ``~`` expanded (so that a run resumed, or a sweep
+    trial run, in another working directory finds it); other specs as they are."""
     if spec.startswith("npz:"):
         return "npz:" + str(pathlib.Path(spec.removeprefix("npz:")).expanduser().absolute())
     return spec
@@ -539,8 +580,10 @@ def train(
         epoch_callback: called after every epoch, once that epoch's checkpoint is on disk, as
             ``epoch_callback(metrics, checkpoint_dir)``: ``metrics`` is the epoch's line of
             ``metrics.jsonl`` (``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
-            ``val_accuracy`` (None without validation split), ``test_loss``, ``test_accuracy``,
-            ``learning_rate``, ``epoch_seconds``), ``checkpoint_dir`` that epoch's folder
+            ``val_accuracy``, ``val_diverged`` (these three None without validation split),
+            ``test_loss``, ``test_accuracy``, ``test_diverged``, ``learning_rate``,
+            ``epoch_seconds``; ``*_diverged`` count the rows whose logits diverged, see
+            :func:`diverged_rows`), ``checkpoint_dir`` that epoch's folder
             ``OUT/checkpoints/<epoch>``.
 
     Returns:
@@ -557,7 +600,7 @@ def train(
         raise ConfigError("resuming needs the run folder (out)")
     out = pathlib.Path(config.out) if config.out is not None else _default_out(config)
     config = dataclasses.replace(
-        config, out=str(out), dataset=_normalized_dataset_spec(config.dataset)
+        config, out=str(out), dataset=absolute_dataset_spec(config.dataset)
     )
     config_path = out / "config.json"
     if resume and config_path.is_file():
@@ -584,6 +627,12 @@ def _train_in(
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size {config.batch_size} exceeds the {len(dataset.train.y)} training rows"
+        )
+    sequence_length = dataset.train.x.shape[1]
+    if config.checkpoint_every is not None and sequence_length % config.checkpoint_every:
+        raise ConfigError(
+            f"checkpoint_every {config.checkpoint_every} does not divide the sequence length "
+            f"T = {sequence_length} of {dataset.name}"
         )
     model = build_model(config, dataset.num_classes)
     tx = make_optimizer(config, steps_per_epoch)
@@ -653,8 +702,10 @@ def _train_in(
             "train_accuracy": float(np.mean(accuracies)),
             "val_loss": val.loss if val is not None else None,
             "val_accuracy": val.accuracy if val is not None else None,
+            "val_diverged": val.diverged if val is not None else None,
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
+            "test_diverged": test.diverged,
             "learning_rate": float(schedule(first_step)),
             "epoch_seconds": time.perf_counter() - epoch_started,
         }
@@ -718,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out from its latest good checkpoint (its configuration "
-        "must match, except --epochs, --data-dir and --progress)",
+        "must match, except --epochs, --checkpoint-every, --data-dir and --progress)",
     )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):

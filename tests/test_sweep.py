@@ -197,7 +197,7 @@ def test_help(module, capsys) -> None:
     text = capsys.readouterr().out
     sweep_flags = """--space --num-samples --max-concurrent --cpus-per-trial --gpus-per-trial
         --address --storage --name --resume --scheduler --epochs --data-dir --dataset --seed
-        --grace-period --reduction-factor"""
+        --grace-period --reduction-factor --checkpoint-every"""
     flags = sweep_flags.split() if module is sweep else ["DIR", "--out"]
     for flag in flags:
         assert flag in text
@@ -224,6 +224,32 @@ def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) 
     assert "no Tune experiment to resume" in capsys.readouterr().err
     assert sweep.main(["--space", "round2", "--epochs", "4", "--grace-period", "5"]) == 2
     assert "grace period must be in 1..4" in capsys.readouterr().err
+    assert sweep.main(["--space", "round2", "--checkpoint-every", "0"]) == 2
+    assert "checkpoint_every must be >= 1" in capsys.readouterr().err
+
+
+def test_trial_overrides(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths made absolute (trials run elsewhere), run options passed to every trial."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cwd = pathlib.Path.cwd()
+
+    def overrides(*argv: str) -> dict:
+        return sweep._overrides(sweep.build_parser().parse_args(["--space", "round2", *argv]))
+
+    assert overrides() == {"seed": 0}
+    assert overrides(
+        *["--dataset", "npz:data/toy.npz", "--data-dir", "data", "--seed", "3"],
+        *["--epochs", "5", "--checkpoint-every", "16"],
+    ) == {
+        "seed": 3,
+        "epochs": 5,
+        "checkpoint_every": 16,
+        "dataset": f"npz:{cwd / 'data' / 'toy.npz'}",
+        "data_dir": str(cwd / "data"),
+    }
+    assert overrides("--dataset", "npz:~/toy.npz")["dataset"] == f"npz:{tmp_path}/home/toy.npz"
+    assert overrides("--dataset", "uci_har")["dataset"] == "uci_har"
 
 
 def test_device_environment_of_trials() -> None:

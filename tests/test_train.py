@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -120,11 +121,15 @@ def test_training_learns_and_writes_every_output(finished_run: dict) -> None:
         "train_accuracy",
         "val_loss",
         "val_accuracy",
+        "val_diverged",
         "test_loss",
         "test_accuracy",
+        "test_diverged",
         "learning_rate",
         "epoch_seconds",
     }
+    for line in history:
+        assert 0 <= line["val_diverged"] <= 48 and 0 <= line["test_diverged"] <= 60
     # Learning rate 0.01, × 0.75 every 2 epochs (staircase).
     assert [line["learning_rate"] for line in history] == pytest.approx(
         [0.01, 0.01, 0.0075, 0.0075]
@@ -137,6 +142,7 @@ def test_training_learns_and_writes_every_output(finished_run: dict) -> None:
     selected = report.select_epoch(history)
     assert saved["selection"]["epoch"] == selected
     assert saved["test"]["accuracy"] == history[selected - 1]["test_accuracy"]
+    assert saved["test_diverged"] == history[selected - 1]["test_diverged"]
     assert saved["optimistic_protocol_best_test_accuracy"] == max(
         line["test_accuracy"] for line in history
     )
@@ -173,6 +179,7 @@ def test_evaluate_reproduces_the_report(finished_run: dict, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     assert printed["epoch"] == saved["selection"]["epoch"]
     assert printed["test"] == saved["test"]
+    assert printed["test_diverged"] == saved["test_diverged"]
     epoch = printed["epoch"]
     assert (out / f"evaluation-epoch{epoch}.json").is_file()
     assert (out / f"evaluation-epoch{epoch}-confusion_matrix.png").is_file()
@@ -212,6 +219,46 @@ def test_epoch_selection_and_report_without_validation_split() -> None:
     assert built["test"]["per_class_accuracy"] == {"a": 1.0, "b": 0.5}
     assert built["test"]["confusion_matrix"] == [[2, 0], [1, 1]]
     assert built["optimistic_protocol_best_test_accuracy"] == 0.9
+    assert built["test_diverged"] is None  # histories recorded before it was counted
+
+
+def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """Rows with a non-finite logit or one beyond DIVERGED_LOGIT, through the evaluator too."""
+    bound = train_module.DIVERGED_LOGIT
+    logits = np.array(
+        [
+            [0.5, -3.0, 20.0],  # finite and small
+            [bound, 0.0, -bound],  # at the bound: not diverged
+            [10 * bound, 0.0, 0.0],
+            [0.0, -1e13, 1.0],
+            [np.inf, 0.0, 0.0],
+            [0.0, -np.inf, 0.0],
+            [np.nan, 0.0, 0.0],
+            [1e9, np.nan, -np.inf],
+        ],
+        np.float32,
+    )
+    expected = [False, False, True, True, True, True, True, True]
+    assert np.asarray(train_module.diverged_rows(jnp.asarray(logits))).tolist() == expected
+
+    class Echo:
+        """A stand-in model whose logits ``(B, C)`` are its inputs ``(B, 1, C)``."""
+
+        def apply(self, variables: dict, x: jax.Array, deterministic: bool) -> jax.Array:
+            return x[:, 0, :]
+
+    split = Split(logits[:, None, :], np.zeros(len(logits), np.int32), None)
+    # Batches of 3: the last one is padded with a row of zeros, which is not counted.
+    result = train_module.make_evaluator(Echo(), batch_size=3)({}, split)
+    assert result.diverged == 6
+    assert result.predictions.shape == (8,)
+
+    with caplog.at_level(logging.WARNING, logger="experiments"):
+        report.warn_if_diverged(0, 8, 5)
+        report.warn_if_diverged(None, 8, 5)
+        assert not caplog.records
+        report.warn_if_diverged(result.diverged, 8, 5)
+    assert "6 of 8 test sequences diverged with the model of epoch 5" in caplog.text
 
 
 def test_help_lists_every_flag(capsys) -> None:
@@ -240,6 +287,37 @@ def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="hidden must be int"):
         train_module.config_from_args(["--config", str(path)])
     assert train_module.main(["--config", str(path)]) == 2
+
+
+def test_checkpoint_every_reaches_the_model_and_is_checked(
+    data: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    config, _ = train_module.config_from_args(["--checkpoint-every", "5"])
+    assert config.checkpoint_every == 5
+    assert train_module.build_model(config, CLASSES).checkpoint_every == 5
+    assert train_module.build_model(TrainConfig(), CLASSES).checkpoint_every is None
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 1"):
+        TrainConfig(checkpoint_every=0)
+    out = tmp_path / "run"
+    with pytest.raises(
+        ConfigError, match="checkpoint_every 3 does not divide the sequence length T = 10"
+    ):
+        train_module.train(tiny_config(data, out, checkpoint_every=3))
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_resume_may_change_checkpoint_every(finished_run: dict, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    shutil.rmtree(out / "checkpoints" / "4")
+    saved = json.loads((out / "config.json").read_text())
+    config = TrainConfig.from_dict({**saved, "checkpoint_every": 5, "out": str(out)})
+    train_module.train(config, resume=True)
+    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 5
+    resumed = read_lines(out / "metrics.jsonl")
+    reference = read_lines(finished_run["out"] / "metrics.jsonl")
+    assert without_timing(resumed[:3]) == without_timing(reference[:3])
+    assert resumed[3]["epoch"] == 4
 
 
 def test_invalid_values_are_refused() -> None:
