@@ -48,13 +48,16 @@ class LARNNLayer(nn.Module):
     ``(B, k-1, H)`` window: ``T·k`` entries per sample. With ``checkpoint_every=N`` the training
     scan runs in chunks of ``N`` steps, keeps only each chunk's first carry and recomputes the
     chunk during the backward pass: ``T/N + N`` windows instead of ``T`` (``N ≈ sqrt(T)`` is
-    best), for about one more forward pass of time. Results are unchanged.
+    best), for about one more forward pass of time. Without dropout the results are the plain
+    scan's (to float rounding); with dropout the masks come from the same rng stream split per
+    chunk, so they are different draws of the same distribution.
 
     Attributes:
       cell: the cell to scan: :class:`~larnn_jax.LARNNCell`, :class:`~larnn_jax.BNLSTMCell` or
         any Flax ``RNNCellBase`` (cells without a ``deterministic`` attribute are used as is).
       checkpoint_every: ``N``, chunk length of the rematerialised training scan (``None``: no
-        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``.
+        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``. Only
+        applies to cells with a ``deterministic`` attribute in training mode.
       reverse, keep_order, return_carry: defaults for the call arguments of the same names.
     """
 
