@@ -226,15 +226,19 @@ def plot_learning_curves(
 
     Training figures are averages over the epoch's steps (training mode); validation and test
     figures are measured after the epoch (evaluation mode). A dashed line marks the selected
-    epoch.
+    epoch. Losses are on a logarithmic axis (diverged rows can make evaluation losses huge);
+    missing values (no validation split, a loss that was not finite) leave gaps.
     """
     epochs = [line["epoch"] for line in history]
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     for axes, quantity in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
         for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
             values = [line[f"{split}_{quantity}"] for line in history]
-            if all(value is not None for value in values):
+            if any(value is not None for value in values):
+                values = [np.nan if value is None else value for value in values]
                 axes.plot(epochs, values, label=label, marker="." if len(epochs) < 30 else None)
+        if quantity == "loss":
+            axes.set_yscale("log")
         axes.axvline(selected_epoch, color="grey", linestyle="--", linewidth=1, label="selected")
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -57,16 +57,17 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without saving the bad state.
+    """The training loss became NaN or infinite; the run stopped without saving the bad state.
+
+    (A non-finite evaluation loss does not stop a run: see :func:`diverged_rows`.)
 
     Attributes:
         epoch: the epoch (1-based) in which it happened.
-        step: the training step within that epoch (1-based), or None when the training loss was
-            finite but the evaluation loss after the epoch was not.
+        step: the training step within that epoch (1-based).
         value: the offending loss value.
     """
 
-    def __init__(self, message: str, *, epoch: int, step: int | None, value: float):
+    def __init__(self, message: str, *, epoch: int, step: int, value: float):
         super().__init__(message)
         self.epoch, self.step, self.value = epoch, step, value
 
@@ -443,13 +444,14 @@ class SplitResult:
     """Evaluation of one split.
 
     Attributes:
-        loss: mean cross-entropy.
+        loss: mean cross-entropy; None when it is not finite (rows that diverged to
+            non-finite logits; the accuracy and predictions are still meaningful).
         accuracy: fraction of rows predicted correctly.
         predictions: the predicted class of every row ``(N,)``.
         diverged: number of rows whose logits diverged (see :func:`diverged_rows`).
     """
 
-    loss: float
+    loss: float | None
     accuracy: float
     predictions: np.ndarray
     diverged: int
@@ -471,7 +473,7 @@ def make_evaluator(
         """Loss sum, predictions ``(B,)`` and diverged-row count of the rows ``mask`` keeps."""
         logits = model.apply(variables, x, deterministic=True)
         return (
-            jnp.sum(per_example_loss(logits, y) * mask),
+            jnp.sum(jnp.where(mask > 0, per_example_loss(logits, y), 0.0)),
             jnp.argmax(logits, axis=-1),
             jnp.sum(diverged_rows(logits) & (mask > 0)),
         )
@@ -495,7 +497,8 @@ def make_evaluator(
             diverged += int(batch_diverged)
         predicted = np.concatenate(predictions)[:rows]
         accuracy = float(np.mean(predicted == split.y))
-        return SplitResult(loss_sum / rows, accuracy, predicted, diverged)
+        loss = loss_sum / rows
+        return SplitResult(loss if math.isfinite(loss) else None, accuracy, predicted, diverged)
 
     return evaluate
 
@@ -551,19 +554,20 @@ def _write_metrics_file(path: pathlib.Path, history: Sequence[dict[str, Any]]) -
     os.replace(tmp, path)
 
 
-def _finite_or_raise(value: float, what: str, *, epoch: int, step: int | None, last: int) -> None:
-    if not math.isfinite(value):
-        where = f"epoch {epoch}, step {step}" if step is not None else f"the end of epoch {epoch}"
+def _check_training_loss(loss: float, *, epoch: int, step: int) -> None:
+    """Raises :class:`NonFiniteLossError` if the training loss of ``epoch``'s ``step`` is NaN or
+    infinite; the checkpoint of the previous epoch is the last good state."""
+    if not math.isfinite(loss):
         kept = (
-            f"the last good state is the checkpoint of epoch {last}, left as it was"
-            if last
+            f"the last good state is the checkpoint of epoch {epoch - 1}, left as it was"
+            if epoch > 1
             else "no epoch had completed, so there is no checkpoint"
         )
         raise NonFiniteLossError(
-            f"{what} is {value} at {where}; stopping: {kept}.",
+            f"the training loss is {loss} at epoch {epoch}, step {step}; stopping: {kept}.",
             epoch=epoch,
             step=step,
-            value=value,
+            value=loss,
         )
 
 
@@ -583,7 +587,8 @@ def train(
             ``val_accuracy``, ``val_diverged`` (these three None without validation split),
             ``test_loss``, ``test_accuracy``, ``test_diverged``, ``learning_rate``,
             ``epoch_seconds``; ``*_diverged`` count the rows whose logits diverged, see
-            :func:`diverged_rows`), ``checkpoint_dir`` that epoch's folder
+            :func:`diverged_rows`; an evaluation loss that is not finite is None and does not
+            stop the run), ``checkpoint_dir`` that epoch's folder
             ``OUT/checkpoints/<epoch>``.
 
     Returns:
@@ -592,7 +597,8 @@ def train(
     Raises:
         ConfigError: invalid configuration, existing checkpoints without ``resume``, or a run to
             resume whose configuration differs.
-        NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+        NonFiniteLossError: the training loss became NaN or infinite (the last good checkpoint
+            is kept).
         larnn_jax.data.DataError: unusable data.
     """
     started = time.perf_counter()
@@ -679,9 +685,7 @@ def _train_in(
             )
             losses.append(float(loss))
             accuracies.append(float(accuracy))
-            _finite_or_raise(
-                losses[-1], "the training loss", epoch=epoch, step=index + 1, last=epoch - 1
-            )
+            _check_training_loss(losses[-1], epoch=epoch, step=index + 1)
             bar.update()
             bar.set_postfix(
                 loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accuracies):.4f}", refresh=False
@@ -691,11 +695,6 @@ def _train_in(
         variables = model_variables(state)
         val = evaluate(variables, dataset.val) if dataset.val is not None else None
         test = evaluate(variables, dataset.test)
-        for name, result in (("validation", val), ("test", test)):
-            if result is not None:
-                _finite_or_raise(
-                    result.loss, f"the {name} loss", epoch=epoch, step=None, last=epoch - 1
-                )
         metrics = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +253,7 @@ def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
     # Batches of 3: the last one is padded with a row of zeros, which is not counted.
     result = train_module.make_evaluator(Echo(), batch_size=3)({}, split)
     assert result.diverged == 6
+    assert result.loss is None  # non-finite: rows with inf and NaN logits
     assert result.predictions.shape == (8,)
 
     with caplog.at_level(logging.WARNING, logger="experiments"):
@@ -369,6 +372,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert verify_step(out / "checkpoints" / "4") is None
     assert (out / "checkpoints" / "4" / "state").stat().st_mtime == before.st_mtime
     assert len(read_lines(out / "metrics.jsonl")) == 4
+
+
+def test_diverged_evaluation_does_not_stop_the_run(
+    finished_run: dict, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-finite evaluation loss is recorded (None, with the diverged count), not fatal."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    make_evaluator = train_module.make_evaluator
+
+    def diverging_evaluator(model: Any, batch_size: int) -> Any:
+        evaluate = make_evaluator(model, batch_size)
+
+        def every_row_diverges(variables: Any, split: Split) -> train_module.SplitResult:
+            result = evaluate(variables, split)
+            return dataclasses.replace(result, loss=None, diverged=len(split.y))
+
+        return every_row_diverges
+
+    monkeypatch.setattr(train_module, "make_evaluator", diverging_evaluator)
+    config = TrainConfig.from_dict({**json.loads((out / "config.json").read_text()), "epochs": 6})
+    config = dataclasses.replace(config, out=str(out))
+    figures = train_module.train(config, resume=True)
+    lines = read_lines(out / "metrics.jsonl")
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    for line in lines[4:]:
+        assert line["val_loss"] is None and line["test_loss"] is None
+        assert (line["val_diverged"], line["test_diverged"]) == (48, 60)
+        assert math.isfinite(line["train_loss"])
+    assert (out / "learning_curves.png").stat().st_size > 0
+    assert figures["test_diverged"] in (0, 60)  # the selected epoch may be an earlier one
 
 
 def test_killed_run_resumes_bitwise(
