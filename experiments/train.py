@@ -229,7 +229,8 @@ class TrainConfig:
 
 
 #: Fields that may differ when a run is resumed: they change where things go, how long the run is
-#: or how much memory it takes, not what any completed epoch computes.
+#: or how much memory it takes, not what any completed epoch computes. (With dropout, changing
+#: checkpoint_every changes which dropout masks later epochs draw, not their distribution.)
 RUN_FIELDS = frozenset({"epochs", "checkpoint_every", "data_dir", "out", "progress"})
 
 
