@@ -518,11 +518,16 @@ def _default_out(config: TrainConfig) -> pathlib.Path:
     return pathlib.Path("runs") / f"{stamp}-{config.model}"
 
 
+def _absolute_path(path: str) -> str:
+    """``path`` absolute, ``~`` expanded (config.json must work from any working directory)."""
+    return str(pathlib.Path(path).expanduser().absolute())
+
+
 def absolute_dataset_spec(spec: str) -> str:
     """``npz:PATH`` with PATH made absolute, ``~`` expanded (so that a run resumed, or a sweep
     trial run, in another working directory finds it); other specs as they are."""
     if spec.startswith("npz:"):
-        return "npz:" + str(pathlib.Path(spec.removeprefix("npz:")).expanduser().absolute())
+        return "npz:" + _absolute_path(spec.removeprefix("npz:"))
     return spec
 
 
@@ -605,9 +610,12 @@ def train(
     started = time.perf_counter()
     if resume and config.out is None:
         raise ConfigError("resuming needs the run folder (out)")
-    out = pathlib.Path(config.out) if config.out is not None else _default_out(config)
+    out = pathlib.Path(_absolute_path(str(config.out or _default_out(config))))
     config = dataclasses.replace(
-        config, out=str(out), dataset=absolute_dataset_spec(config.dataset)
+        config,
+        out=str(out),
+        dataset=absolute_dataset_spec(config.dataset),
+        data_dir=None if config.data_dir is None else _absolute_path(config.data_dir),
     )
     config_path = out / "config.json"
     if resume and config_path.is_file():

@@ -56,8 +56,8 @@ class LARNNLayer(nn.Module):
       cell: the cell to scan: :class:`~larnn_jax.LARNNCell`, :class:`~larnn_jax.BNLSTMCell` or
         any Flax ``RNNCellBase`` (cells without a ``deterministic`` attribute are used as is).
       checkpoint_every: ``N``, chunk length of the rematerialised training scan (``None``: no
-        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``. Only
-        applies to cells with a ``deterministic`` attribute in training mode.
+        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``. Applies
+        in training mode only (see ``__call__``'s ``deterministic``).
       reverse, keep_order, return_carry: defaults for the call arguments of the same names.
     """
 
@@ -85,7 +85,9 @@ class LARNNLayer(nn.Module):
 
         Args:
           inputs: ``(B, T, D)`` (``(T, B, D)`` with ``time_major=True``).
-          deterministic: overrides the cell's ``deterministic`` for this call.
+          deterministic: overrides the cell's ``deterministic`` for this call. Training mode
+            is ``deterministic=False`` (the cell's own attribute when this is None); for cells
+            without that attribute, such as ``nn.LSTMCell``, only this argument selects it.
           initial_carry: the carry to start from (default: the cell's ``initialize_carry``).
           init_key: rng for ``initialize_carry``.
           seq_lengths: ``(B,)`` int, length of each sequence; later steps are padding.
@@ -102,7 +104,9 @@ class LARNNLayer(nn.Module):
                 f"{type(self).__name__} expects inputs of rank 3, (batch, time, features) or "
                 f"(time, batch, features) with time_major=True; got shape {inputs.shape}"
             )
-        training = not getattr(cell, "deterministic", True)
+        training = (
+            not cell.deterministic if hasattr(cell, "deterministic") else deterministic is False
+        )
         if training and self.variables.get("batch_stats"):
             if not self.is_mutable_collection("batch_stats"):
                 raise ValueError(
@@ -217,12 +221,11 @@ class LARNN(nn.Module):
         carries = []
         for index in range(self.num_layers):
             layer = LARNNLayer(
-                _with_mode(self.cell, deterministic),
-                checkpoint_every=self.checkpoint_every,
-                name=f"layer_{index}",
+                self.cell, checkpoint_every=self.checkpoint_every, name=f"layer_{index}"
             )
             carry, outputs = layer(
                 sequence,
+                deterministic=deterministic,
                 initial_carry=None if initial_carries is None else initial_carries[index],
                 seq_lengths=seq_lengths,
                 return_carry=True,

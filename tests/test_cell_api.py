@@ -287,3 +287,27 @@ def test_checkpointed_training_scan_gives_the_same_result_and_gradients():
             LARNNLayer(cell, checkpoint_every=5).apply(
                 variables, x, deterministic=False, mutable=["batch_stats"]
             )
+
+
+def test_checkpointed_scan_applies_to_cells_without_a_deterministic_switch():
+    """``nn.LSTMCell`` has no ``deterministic``: the call's argument selects training mode."""
+    x = make_inputs()[:, :8]
+    cell = nn.LSTMCell(6)
+    plain, chunked = LARNNLayer(cell), LARNNLayer(cell, checkpoint_every=4)
+    variables = plain.init(jax.random.key(1), x)
+
+    def loss(layer, params):
+        return jnp.sum(layer.apply({"params": params}, x, deterministic=False) ** 2)
+
+    value, grads = jax.value_and_grad(lambda p: loss(plain, p))(variables["params"])
+    value_chunked, grads_chunked = jax.value_and_grad(lambda p: loss(chunked, p))(
+        variables["params"]
+    )
+    np.testing.assert_allclose(value_chunked, value, rtol=1e-6)
+    for want, got in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_chunked), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="checkpoint_every=5 must be >= 1 and divide"):
+        LARNNLayer(cell, checkpoint_every=5).apply(variables, x, deterministic=False)
+    # Evaluation mode scans plainly, whatever the chunk length.
+    evaluated = LARNNLayer(cell, checkpoint_every=5).apply(variables, x, deterministic=True)
+    np.testing.assert_array_equal(evaluated, plain.apply(variables, x))

@@ -309,14 +309,22 @@ def test_checkpoint_every_reaches_the_model_and_is_checked(
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_resume_may_change_checkpoint_every(finished_run: dict, tmp_path: pathlib.Path) -> None:
+def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
+    finished_run: dict, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     shutil.copytree(finished_run["out"], out)
     shutil.rmtree(out / "checkpoints" / "4")
     saved = json.loads((out / "config.json").read_text())
-    config = TrainConfig.from_dict({**saved, "checkpoint_every": 5, "out": str(out)})
+    monkeypatch.chdir(tmp_path)  # relative paths, resolved against it
+    config = TrainConfig.from_dict(
+        {**saved, "checkpoint_every": 5, "out": "run", "data_dir": "~/har"}
+    )
     train_module.train(config, resume=True)
-    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 5
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["checkpoint_every"] == 5
+    assert stored["out"] == str(out.absolute())
+    assert stored["data_dir"] == str(pathlib.Path.home() / "har")
     resumed = read_lines(out / "metrics.jsonl")
     reference = read_lines(finished_run["out"] / "metrics.jsonl")
     assert without_timing(resumed[:3]) == without_timing(reference[:3])
