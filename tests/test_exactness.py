@@ -16,16 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from cell_cases import CellCase, randomised
 from reference import larnn_reference
 from reference import positional_encoding as reference_positional_encoding
 
-from larnn_jax import LARNNCell, positional_encoding
+from larnn_jax import positional_encoding
 
 # max|diff| / max|ref| per compared array (outputs, carry, each running statistic): the project's
 # acceptance bound for the float64 comparison.
@@ -33,52 +33,20 @@ RTOL_FLOAT64 = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """One cell configuration and input shape: ``x`` is ``(batch, steps, inputs)``."""
-
-    mode: str = "residual"
-    pe: bool = True
-    act: bool = True
-    norm: str = "batch"
-    batch: int = 3
-    inputs: int = 5
-    features: int = 6
-    heads: int = 2
-    window: int = 3
-
-    @property
-    def steps(self) -> int:
-        """``T = 2k + 5``: the window fills up and slides for ``k + 5`` steps."""
-        return 2 * self.window + 5
-
-    def cell(self, deterministic: bool, dtype) -> LARNNCell:
-        """The cell under test, all dropout rates 0."""
-        return LARNNCell(
-            features=self.features,
-            num_heads=self.heads,
-            window_size=self.window,
-            mode=self.mode,
-            use_positional_encoding=self.pe,
-            activation_on_keys_and_values=self.act,
-            norm=self.norm,
-            dropout_rate=0.0,
-            kv_dropout_rate=0.0,
-            attention_dropout_rate=0.0,
-            deterministic=deterministic,
-            param_dtype=dtype,
-        )
+class Config(CellCase):
+    """A :class:`CellCase` with the two ways of scanning it that the tests compare."""
 
     def train_rnn(self, dtype) -> nn.RNN:
         """Training: batch statistics, running averages carried through the scan and updated."""
         return nn.RNN(
-            self.cell(False, dtype),
+            self.cell(dtype, deterministic=False),
             variable_carry="batch_stats",
             split_rngs={"params": False, "dropout": True},
         )
 
     def eval_rnn(self, dtype) -> nn.RNN:
         """Evaluation: running averages, read-only."""
-        return nn.RNN(self.cell(True, dtype), variable_broadcast=("params", "batch_stats"))
+        return nn.RNN(self.cell(dtype), variable_broadcast=("params", "batch_stats"))
 
 
 def _x64(dtype) -> contextlib.AbstractContextManager:
@@ -95,36 +63,13 @@ def _variable_shapes(cfg: Config, dtype: str):
 
 
 def make_variables(cfg: Config, dtype=np.float64, seed: int = 0) -> dict:
-    """Random values for every leaf of ``cfg``'s variables, as NumPy arrays of the leaf's dtype.
-
-    Kernels ``(fan_in, fan_out)`` ~ N(0, 1/fan_in) (the scale of the LeCun-normal initialiser),
-    scales 1 ± 0.3, biases ± 0.2, running means ± 0.3, running variances in [0.5, 1.5].
+    """Random values (:func:`cell_cases.randomised`) for every leaf of ``cfg``'s variables.
 
     Returns:
       ``{"params": {"cell": ...}, "batch_stats": {"cell": ...}}`` (``batch_stats`` only where
       the configuration has batch norms).
     """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        shape = leaf.shape
-        if name == "kernel":
-            value = rng.normal(size=shape) / math.sqrt(shape[0])
-        elif name == "scale":
-            value = 1.0 + rng.uniform(-0.3, 0.3, shape)
-        elif name == "bias":
-            value = rng.uniform(-0.2, 0.2, shape)
-        elif name == "mean":
-            value = rng.uniform(-0.3, 0.3, shape)
-        elif name == "var":
-            value = rng.uniform(0.5, 1.5, shape)
-        else:
-            raise AssertionError(f"unexpected variable {jax.tree_util.keystr(path)}")
-        return np.asarray(value, dtype=leaf.dtype)
-
-    shapes = _variable_shapes(cfg, np.dtype(dtype).name)
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return randomised(_variable_shapes(cfg, np.dtype(dtype).name), seed)
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """``NaiveLARNNCell`` (benchmarks) gives ``LARNNCell``'s results on ``LARNNCell``'s variables.
 
-Both cells run under ``LARNNLayer`` over ``T = 2k + 3`` steps (the window fills up and slides)
+Both cells run under ``LARNNLayer`` over ``T = 2k + 5`` steps (the window fills up and slides)
 on the same randomised variables; outputs, final carries and, in training, the updated running
 statistics must agree. The comparison runs in float64 (scoped with ``jax.enable_x64``), where
 both ways of computing must agree to far below float32 rounding, and once in float32.
@@ -14,6 +14,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from cell_cases import CellCase, randomised
 
 from benchmarks.naive_cell import NaiveCarry, NaiveLARNNCell, head_membership, naive_twin
 from larnn_jax import LARNNCell, LARNNLayer
@@ -22,59 +23,7 @@ RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A cell configuration and input shape ``(batch, 2·window + 3, inputs)``."""
-
-    pe: bool = False
-    mode: str = "residual"
-    norm: str = "batch"
-    act: bool = True
-    window: int = 3
-    features: int = 6
-    heads: int = 3
-    batch: int = 5
-    inputs: int = 4
-
-    def cell(self, dtype: np.dtype) -> LARNNCell:
-        """The library's cell, dropout off."""
-        return LARNNCell(
-            self.features,
-            num_heads=self.heads,
-            window_size=self.window,
-            mode=self.mode,
-            use_positional_encoding=self.pe,
-            activation_on_keys_and_values=self.act,
-            norm=self.norm,
-            param_dtype=dtype,
-        )
-
-
-def randomised(variables: dict, seed: int = 0) -> dict:
-    """Every leaf replaced by a seeded random value on its natural scale.
-
-    Kernels ~ N(0, 1/fan_in); norm scales in 1 ± 0.3; biases and running means in ± 0.3;
-    running variances in [0.5, 1.5]. Initial values (ones, zeros) would hide a term that is
-    missing or applied twice.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path: tuple, leaf: jax.Array) -> np.ndarray:
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            value = rng.normal(size=shape) / np.sqrt(shape[0])
-        elif name == "scale":
-            value = rng.uniform(0.7, 1.3, shape)
-        elif name == "var":
-            value = rng.uniform(0.5, 1.5, shape)
-        else:  # bias, mean
-            value = rng.uniform(-0.3, 0.3, shape)
-        return np.asarray(value, dtype=leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, variables)
-
-
-def run_both(case: Case, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
+def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
     """Results of ``LARNNCell`` and ``NaiveLARNNCell`` on the same variables and inputs.
 
     Returns ``{"train": (cached, naive), "eval": (cached, naive)}``, each result a dict
@@ -82,8 +31,8 @@ def run_both(case: Case, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
     """
     with jax.enable_x64(np.dtype(dtype) == np.float64):
         cell = case.cell(dtype)
-        steps = 2 * case.window + 3
-        x = np.random.default_rng(1).normal(size=(case.batch, steps, case.inputs)).astype(dtype)
+        shape = (case.batch, case.steps, case.inputs)
+        x = np.random.default_rng(1).normal(size=shape).astype(dtype)
         layers = [LARNNLayer(c, return_carry=True) for c in (cell, naive_twin(cell))]
         variables = randomised(layers[0].init(jax.random.key(0), x, deterministic=False))
         results: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -111,12 +60,12 @@ def assert_close(cached: dict, naive: dict, rtol: float) -> None:
 
 
 CASES = {
-    "residual": Case(),
-    "layer-pe": Case(pe=True, mode="layer"),
-    "window1": Case(window=1, pe=True),
-    "one-head-noact": Case(heads=1, act=False, pe=True),
-    "layer-norm": Case(norm="layer", pe=True),
-    "no-norm": Case(norm="none", mode="layer"),
+    "residual": CellCase(pe=False),
+    "layer-pe": CellCase(mode="layer"),
+    "window1": CellCase(window=1),
+    "one-head-noact": CellCase(heads=1, act=False),
+    "layer-norm": CellCase(norm="layer"),
+    "no-norm": CellCase(norm="none", mode="layer", pe=False),
 }
 
 
@@ -132,13 +81,13 @@ def test_same_results_float64(name: str) -> None:
 
 def test_same_results_float32() -> None:
     """The float32 cells agree to a relative 1e-5 (a batch of 16 keeps the norms well scaled)."""
-    for cached, naive in run_both(Case(pe=True, batch=16), np.float32).values():
+    for cached, naive in run_both(CellCase(batch=16), np.float32).values():
         assert_close(cached, naive, RTOL_FLOAT32)
 
 
 def test_same_variables_as_larnn_cell() -> None:
     """The naive cell's own ``init`` creates the same variable tree (names, shapes, dtypes)."""
-    cell = Case(pe=True).cell(np.float32)
+    cell = CellCase().cell(np.float32)
     x = np.zeros((2, 7, 4), np.float32)
     key = jax.random.key(0)
 
