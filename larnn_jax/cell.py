@@ -20,7 +20,7 @@ from flax import linen as nn
 from flax.typing import Dtype, PRNGKey
 
 from larnn_jax.attention import positional_encoding, window_attention
-from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind
+from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
 
 Mode = Literal["residual", "layer"]
 MODES: tuple[str, ...] = ("residual", "layer")
@@ -40,6 +40,10 @@ class LARNNCarry(NamedTuple):
         :meth:`LARNNCell.stored_entry`); zeros where not yet filled.
       values: ``(B, k-1, H)`` stored value entries, likewise.
       length: ``(B,)`` int32, how many of ``keys``/``values`` are filled (0 … k-1).
+      moment_sums: ``(B, 4, H)`` per-sample sums over the filled entries of ``d_key``,
+        ``d_value``, ``d_key²`` and ``d_value²``, where ``d`` is an entry minus the entry of a
+        zero cell state; the window's batch statistics come from them (see
+        :meth:`LARNNCell.window_moments`). ``(B, 0, H)`` where the cell does not use them.
     """
 
     h: jax.Array
@@ -47,6 +51,7 @@ class LARNNCarry(NamedTuple):
     keys: jax.Array
     values: jax.Array
     length: jax.Array
+    moment_sums: jax.Array
 
 
 def _dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -266,6 +271,17 @@ class LARNNCell(nn.RNNCellBase):
         """
         return self.activation_on_keys_and_values and not self.use_positional_encoding
 
+    @property
+    def _slides_window_moments(self) -> bool:
+        """Whether the window's batch statistics come from the carry's ``moment_sums``.
+
+        When the entries never change while they stay in the window (they hold their final
+        keys and values) and are batch-normalised, a sample's sums over its window change only
+        by the entry that enters and the one that leaves: the statistics cost ``O(B·H)`` per
+        step instead of ``O(B·k·H)``, and the training scan keeps nothing window-sized for them.
+        """
+        return self._caches_activation and self.norm == "batch"
+
     def setup(self) -> None:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         features = self.features
@@ -307,7 +323,11 @@ class LARNNCell(nn.RNNCellBase):
         dtype = _carry_dtype(self.dtype, self.param_dtype)
         state = jnp.zeros((*batch, self.features), dtype)
         window = jnp.zeros((*batch, self.window_size - 1, self.features), dtype)
-        return LARNNCarry(state, state, window, window, jnp.zeros(batch, jnp.int32))
+        sums = jnp.zeros(
+            (*batch, 4 if self._slides_window_moments else 0, self.features),
+            statistics_dtype(dtype, self.param_dtype),
+        )
+        return LARNNCarry(state, state, window, window, jnp.zeros(batch, jnp.int32), sums)
 
     @property
     def num_feature_axes(self) -> int:
@@ -335,12 +355,59 @@ class LARNNCell(nn.RNNCellBase):
         pre_activation = stored + position(jnp.asarray(table))
         return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
 
+    def deviation_sums(self, keys: jax.Array, values: jax.Array, shift: jax.Array) -> jax.Array:
+        """One entry's terms of ``moment_sums``: stored entries ``(B, H)`` → ``(B, 4, H)``.
+
+        ``shift``: ``(2, H)``, :meth:`window_shift`.
+        """
+        deviation = jnp.stack([keys, values], axis=-2).astype(shift.dtype) - shift
+        return jnp.concatenate([deviation, jnp.square(deviation)], axis=-2)
+
+    def window_shift(self, dtype: Dtype) -> jax.Array:
+        """``(2, H)``: the stored key and value entries of a zero cell state.
+
+        The moment sums count deviations from it: a constant (no gradient flows through it)
+        that keeps ``E[d²] − E[d]²`` from cancelling; at the first step every entry equals it.
+        """
+        zero = jnp.zeros((self.features,), dtype)
+        shift = jnp.stack([self.stored_entry(self.key, zero), self.stored_entry(self.value, zero)])
+        return jax.lax.stop_gradient(shift.astype(dtype))
+
+    def window_moments(
+        self, moment_sums: jax.Array, length: jax.Array, shift: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """Batch mean and biased variance ``(H,)`` of the keys and of the values in the window.
+
+        Args:
+          moment_sums: ``(B, 4, H)`` sums over every sample's valid entries (see
+            :class:`LARNNCarry`).
+          length: ``(B,)`` how many entries each sample's window holds.
+          shift: ``(2, H)``, :meth:`window_shift`.
+
+        Returns:
+          ``((key_mean, key_var), (value_mean, value_var))``.
+        """
+        totals = jnp.sum(moment_sums, axis=tuple(range(moment_sums.ndim - 2)))  # (4, H)
+        means = totals / jnp.sum(length).astype(totals.dtype)
+        deviation_mean, square_mean = means[:2], means[2:]
+        variance = jnp.maximum(square_mean - jnp.square(deviation_mean), 0.0)
+        mean = shift + deviation_mean
+        return (mean[0], variance[0]), (mean[1], variance[1])
+
     def attend(
-        self, h_prev: jax.Array, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array
+        self,
+        h_prev: jax.Array,
+        x: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        mask: jax.Array,
+        window_moments: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
     ) -> jax.Array:
         """``a_t``: ``(B, H)`` from ``x``: ``(B, D)``, ``h_prev``: ``(B, H)`` and the full window.
 
-        ``keys``/``values``: stored entries ``(B, k, H)``; ``mask``: ``(B, k)`` valid entries.
+        ``keys``/``values``: stored entries ``(B, k, H)``; ``mask``: ``(B, k)`` valid entries;
+        ``window_moments``: their batch statistics where :meth:`window_moments` gave them (else
+        they are computed from the window).
         """
         running = self.deterministic
         key_position = self.key_position if self.use_positional_encoding else None
@@ -351,9 +418,12 @@ class LARNNCell(nn.RNNCellBase):
         if self._normalises_window and self.norm == "batch":
             # K = E_k·s_k + t_k: <q, K_j> = <q·s_k, E_k,j> + a per-head constant the softmax
             # cancels. V = E_v·s_v + t_v: Σ α_j V_j = (Σ α_j E_v,j)·s_v + (Σ α_j)·t_v.
-            key_scale, _ = self.key_norm.scale_and_shift(keys, mask, use_running_average=running)
+            key_moments, value_moments = window_moments or (None, None)
+            key_scale, _ = self.key_norm.scale_and_shift(
+                keys, mask, use_running_average=running, moments=key_moments
+            )
             value_scale, value_shift = self.value_norm.scale_and_shift(
-                values, mask, use_running_average=running
+                values, mask, use_running_average=running, moments=value_moments
             )
             query = query * key_scale.astype(query.dtype)
         else:
@@ -394,25 +464,35 @@ class LARNNCell(nn.RNNCellBase):
         _check_input(x, carry.h, self.query, other=self.features)
         # Push c_{t-1}: project it once (after key/value dropout) and put it in front.
         entering = _dropout(self, self.kv_dropout_rate, carry.c, self.deterministic)
+        dtype = carry.h.dtype
         keys = jnp.concatenate(
-            [self.stored_entry(self.key, entering)[..., None, :], carry.keys], axis=-2
+            [self.stored_entry(self.key, entering)[..., None, :].astype(dtype), carry.keys], axis=-2
         )
         values = jnp.concatenate(
-            [self.stored_entry(self.value, entering)[..., None, :], carry.values], axis=-2
+            [self.stored_entry(self.value, entering)[..., None, :].astype(dtype), carry.values],
+            axis=-2,
         )
         length = jnp.minimum(carry.length + 1, self.window_size)
         mask = jnp.arange(self.window_size) < length[..., None]  # (B, k)
 
-        a = self.attend(
-            carry.h, x, keys.astype(carry.keys.dtype), values.astype(carry.keys.dtype), mask
-        )
+        moment_sums, window_moments = carry.moment_sums, None
+        if self._slides_window_moments:
+            shift = self.window_shift(moment_sums.dtype)
+            moment_sums += self.deviation_sums(keys[..., 0, :], values[..., 0, :], shift)
+            if not self.deterministic:
+                window_moments = self.window_moments(moment_sums, length, shift)
+            leaving = (length == self.window_size)[..., None, None]  # the oldest entry drops
+            oldest = self.deviation_sums(keys[..., -1, :], values[..., -1, :], shift)
+            moment_sums -= jnp.where(leaving, oldest, jnp.zeros_like(oldest))
+
+        a = self.attend(carry.h, x, keys, values, mask, window_moments)
         c, h = self.update(self.gate_preactivation(x, carry.h, a), carry.c)
-        dtype = carry.h.dtype
         new_carry = LARNNCarry(
             h=h.astype(dtype),
             c=c.astype(dtype),
-            keys=keys[..., :-1, :].astype(dtype),
-            values=values[..., :-1, :].astype(dtype),
+            keys=keys[..., :-1, :],
+            values=values[..., :-1, :],
             length=jnp.minimum(length, self.window_size - 1),
+            moment_sums=moment_sums,
         )
         return new_carry, h

@@ -93,7 +93,12 @@ class FeatureNorm(nn.Module):
             _ = self.scale
 
     def scale_and_shift(
-        self, x: jax.Array, mask: jax.Array | None = None, *, use_running_average: bool
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        use_running_average: bool,
+        moments: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Batch norm as an affine map: ``BN(x) == x * scale + shift``.
 
@@ -106,6 +111,8 @@ class FeatureNorm(nn.Module):
             Every feature must have at least one valid entry.
           use_running_average: use the running averages instead of the statistics of ``x``
             (and leave them unchanged).
+          moments: the batch mean and biased variance ``(F,)`` of ``x``'s valid entries, where
+            the caller has them already (then ``x`` only gives the dtype and ``mask`` is unused).
 
         Returns:
           ``scale`` and ``shift``, both ``(F,)`` in :func:`statistics_dtype`.
@@ -116,7 +123,9 @@ class FeatureNorm(nn.Module):
         if use_running_average:
             mean, var = self.mean.value.astype(dtype), self.var.value.astype(dtype)
         else:
-            mean, var = _masked_moments(x.astype(dtype), mask, axes=tuple(range(x.ndim - 1)))
+            if moments is None:
+                moments = _masked_moments(x.astype(dtype), mask, axes=tuple(range(x.ndim - 1)))
+            mean, var = (moment.astype(dtype) for moment in moments)
             if not self.is_initializing():
                 decay = self.momentum
                 self.mean.value = (decay * self.mean.value + (1 - decay) * mean).astype(

@@ -181,6 +181,9 @@ def test_carry_layout_and_initialize_carry_outside_init():
     assert carry.h.shape == carry.c.shape == (B, H)
     assert carry.keys.shape == carry.values.shape == (B, K - 1, H)
     assert carry.length.shape == (B,) and carry.length.dtype == jnp.int32
+    assert carry.moment_sums.shape == (B, 4, H)  # the window's statistics slide (no PE)
+    with_pe = larnn_cell(use_positional_encoding=True)
+    assert with_pe.initialize_carry(jax.random.key(0), (B, D)).moment_sums.shape == (B, 0, H)
     c, h = BNLSTMCell(H).initialize_carry(jax.random.key(0), (B, D))
     assert c.shape == h.shape == (B, H)
 
@@ -311,3 +314,28 @@ def test_checkpointed_scan_applies_to_cells_without_a_deterministic_switch():
     # Evaluation mode scans plainly, whatever the chunk length.
     evaluated = LARNNLayer(cell, checkpoint_every=5).apply(variables, x, deterministic=True)
     np.testing.assert_array_equal(evaluated, plain.apply(variables, x))
+
+
+def test_window_moment_sums_match_the_window_after_a_long_sequence():
+    """``moment_sums`` are updated by adding the entering and subtracting the leaving entry;
+    after 2000 float32 training steps they must still be the sums over the window's entries."""
+    steps, batch = 2000, 8
+    x = make_inputs((batch, steps, D))
+    layer = LARNNLayer(larnn_cell(**DROPOUTS), return_carry=True)
+    variables = layer.init(jax.random.key(0), x[:, :2])
+    (carry, _), _ = layer.apply(
+        variables,
+        x,
+        deterministic=False,
+        rngs={"dropout": jax.random.key(1)},
+        mutable=["batch_stats"],
+    )
+    params = variables["params"]["rnn"]["cell"]
+    shift = np.stack([jax.nn.elu(params[name]["bias"]) for name in ("key", "value")])
+    entries = np.stack([carry.keys, carry.values], axis=-2).astype(np.float64)  # (B, k-1, 2, H)
+    deviation = entries - shift
+    assert carry.length.tolist() == [K - 1] * batch
+    expected = np.concatenate([deviation.sum(1), np.square(deviation).sum(1)], axis=-2)
+    np.testing.assert_allclose(
+        carry.moment_sums, expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
