@@ -109,6 +109,8 @@ def machine_info() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         # glibc's malloc settings (e.g. glibc.malloc.hugetlb=1), which change XLA:CPU's page faults.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        # A preloaded allocator (e.g. tcmalloc) replaces malloc altogether.
+        "ld_preload": os.environ.get("LD_PRELOAD"),
     }
 
 
