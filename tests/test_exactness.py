@@ -195,6 +195,10 @@ SHAPES = {
     "window1": Config(
         mode="layer", pe=True, act=True, batch=4, inputs=3, features=4, heads=2, window=1
     ),
+    # k = 1 without positional encoding: the carried window sums hold only the newest entry.
+    "window1_nope": Config(
+        mode="residual", pe=False, act=True, batch=4, inputs=3, features=4, heads=2, window=1
+    ),
     # d_k = 1: every head is one feature.
     "heads_eq_features": Config(
         mode="residual", pe=True, act=False, batch=3, inputs=2, features=4, heads=4, window=2
