@@ -656,6 +656,8 @@ def measure_series(
                 log(f"  {model} @ {point}: {stopped[model]}")
                 continue
             benches[model] = bench
+        if not benches:  # every series has stopped
+            break
         try:
             samples = interleaved_timings(benches, repeats=repeats, warmup=warmup)
         except (jax.errors.JaxRuntimeError, MemoryError) as error:

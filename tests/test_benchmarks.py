@@ -179,6 +179,19 @@ def test_measure_series_stops_at_the_memory_budget() -> None:
     ]
     assert set(stopped) == {"big"} and "stopped at 4" in stopped["big"]
 
+    # A series of models that all stop ends there.
+    rows, stopped = common.measure_series(
+        [1, 2, 4],
+        ["big"],
+        lambda model, point: FakeBench(point * 100),
+        repeats=2,
+        warmup=0,
+        memory_budget=150,
+        time_budget_s=None,
+        log=lambda _: None,
+    )
+    assert [row["point"] for row in rows] == [1] and "stopped at 2" in stopped["big"]
+
 
 def test_helpers() -> None:
     """Argument helpers, the rematerialisation chunk and the table format."""
