@@ -23,18 +23,15 @@ RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
 
 
-def run_both(
-    case: CellCase, dtype: np.dtype, steps: int | None = None
-) -> dict[str, tuple[dict, dict]]:
-    """Results of ``LARNNCell`` and ``NaiveLARNNCell`` on the same variables and inputs
-    ``(B, steps, D)`` (``steps``: ``case.steps`` by default).
+def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
+    """Results of ``LARNNCell`` and ``NaiveLARNNCell`` on the same variables and inputs.
 
     Returns ``{"train": (cached, naive), "eval": (cached, naive)}``, each result a dict
     ``{"ys": (B,T,H), "h": (B,H), "c": (B,H), "stats": updated batch_stats (train only)}``.
     """
     with jax.enable_x64(np.dtype(dtype) == np.float64):
         cell = case.cell(dtype)
-        shape = (case.batch, steps or case.steps, case.inputs)
+        shape = (case.batch, case.steps, case.inputs)
         x = np.random.default_rng(1).normal(size=shape).astype(dtype)
         layers = [LARNNLayer(c, return_carry=True) for c in (cell, naive_twin(cell))]
         variables = randomised(layers[0].init(jax.random.key(0), x, deterministic=False))
