@@ -48,7 +48,13 @@ from ray.tune.search.hyperopt import HyperOptSearch
 
 from experiments import analyze_sweep
 from experiments.search_spaces import SearchSpace, get_space, resolve_point
-from experiments.train import ConfigError, TrainConfig, absolute_dataset_spec, train
+from experiments.train import (
+    ConfigError,
+    TrainConfig,
+    absolute_dataset_spec,
+    absolute_path,
+    train,
+)
 
 #: What the sweep maximises: the validation accuracy of each epoch.
 METRIC, MODE = "val_accuracy", "max"
@@ -170,7 +176,7 @@ def default_name(space: SearchSpace, scheduler: str) -> str:
 
 def storage_uri(storage: str) -> str:
     """A URI as it is, a local path made absolute (Tune requires it)."""
-    return storage if "://" in storage else str(pathlib.Path(storage).expanduser().absolute())
+    return storage if "://" in storage else absolute_path(storage)
 
 
 def experiment_path(storage: str, name: str) -> str:

@@ -518,16 +518,16 @@ def _default_out(config: TrainConfig) -> pathlib.Path:
     return pathlib.Path("runs") / f"{stamp}-{config.model}"
 
 
-def _absolute_path(path: str) -> str:
-    """``path`` absolute, ``~`` expanded (config.json must work from any working directory)."""
+def absolute_path(path: str | os.PathLike[str]) -> str:
+    """``path`` absolute, ``~`` expanded: what config.json and sweep trials store, so that a run
+    resumed or evaluated, or a trial run, in another working directory finds it."""
     return str(pathlib.Path(path).expanduser().absolute())
 
 
 def absolute_dataset_spec(spec: str) -> str:
-    """``npz:PATH`` with PATH made absolute, ``~`` expanded (so that a run resumed, or a sweep
-    trial run, in another working directory finds it); other specs as they are."""
+    """``npz:PATH`` with PATH made :func:`absolute_path`; other specs as they are."""
     if spec.startswith("npz:"):
-        return "npz:" + _absolute_path(spec.removeprefix("npz:"))
+        return "npz:" + absolute_path(spec.removeprefix("npz:"))
     return spec
 
 
@@ -610,12 +610,12 @@ def train(
     started = time.perf_counter()
     if resume and config.out is None:
         raise ConfigError("resuming needs the run folder (out)")
-    out = pathlib.Path(_absolute_path(str(config.out or _default_out(config))))
+    out = pathlib.Path(absolute_path(config.out or _default_out(config)))
     config = dataclasses.replace(
         config,
         out=str(out),
         dataset=absolute_dataset_spec(config.dataset),
-        data_dir=None if config.data_dir is None else _absolute_path(config.data_dir),
+        data_dir=None if config.data_dir is None else absolute_path(config.data_dir),
     )
     config_path = out / "config.json"
     if resume and config_path.is_file():
