@@ -1,0 +1,10 @@
+"""Settings for the whole test suite.
+
+Matrix products in float32 at full precision on every backend: on GPUs, JAX's default lets them
+use TF32 (a relative error of about 1e-3), which the float32 tolerances of these tests, set for
+float32 arithmetic, do not allow for. The CPU backend computes them at full precision anyway.
+"""
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
