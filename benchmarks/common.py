@@ -145,6 +145,21 @@ def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path
     return path
 
 
+def write_partial_json(
+    path: str | os.PathLike[str],
+    benchmark: str,
+    config: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+) -> Path:
+    """Writes the rows measured so far, marked ``"complete": false``.
+
+    A long run saves this after every point, so that a run stopped by a time limit keeps what
+    it measured; the final :func:`write_json` replaces it.
+    """
+    payload = {"benchmark": benchmark, "complete": False, "config": config, "rows": list(rows)}
+    return write_json(path, payload)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -471,6 +486,26 @@ def workload_from_args(args: argparse.Namespace, block: str, **overrides: Any) -
     return Workload(block=block, **{**sizes, **overrides})
 
 
+def add_models_argument(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
+    """Adds ``--models``: a comma-separated subset of ``choices`` (default: all), as a list."""
+
+    def model_list(text: str) -> list[str]:
+        models = [model for model in text.split(",") if model]
+        unknown = sorted(set(models) - set(choices))
+        if unknown or not models:
+            raise argparse.ArgumentTypeError(
+                f"unknown or no models in {text!r}; choose from {','.join(choices)}"
+            )
+        return models
+
+    parser.add_argument(
+        "--models",
+        type=model_list,
+        default=list(choices),
+        help=f"comma-separated subset of {','.join(choices)} (default: all)",
+    )
+
+
 def int_list(text: str) -> list[int]:
     """``'1,2,4'`` → ``[1, 2, 4]`` (an argparse type)."""
     return [int(item) for item in text.split(",") if item]
@@ -622,12 +657,15 @@ def measure_series(
     memory_budget: int | None,
     time_budget_s: float | None,
     log: Callable[[str], None] = print,
+    after_point: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Times a training step of every model at every point, interleaving the models per point.
 
     A model's series stops at the first point where the compiled memory analysis exceeds
     ``memory_budget`` (that point is not run), where compiling or running fails (for example
     out of memory), or after the first point whose median step exceeds ``time_budget_s``.
+    ``after_point`` is called with the rows so far after every measured point (to save partial
+    results of a run that may be stopped).
 
     Returns:
       One row per measured (point, model): ``point``, ``model``, the :func:`summarize` fields,
@@ -684,6 +722,8 @@ def measure_series(
                     f"stopped after {point}: {row['median_s']:.1f} s/step > time budget "
                     f"{time_budget_s:.0f} s"
                 )
+        if after_point is not None:
+            after_point(rows)
     return rows, stopped
 
 

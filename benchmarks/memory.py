@@ -34,6 +34,7 @@ from benchmarks.common import (
     Column,
     TrainingBench,
     Workload,
+    add_models_argument,
     add_workload_arguments,
     default_out,
     describe_machine,
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser, steps=4096, batch=32)
-    parser.add_argument("--models", default=",".join(BLOCKS), help=f"subset of {BLOCKS}")
+    add_models_argument(parser, BLOCKS)
     parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
     parser.add_argument("--target-gb", type=float, default=TARGET_GB, help="memory target (GB)")
     parser.add_argument(
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout-s", type=float, default=900.0, help="for the RSS process")
     parser.add_argument("--out", default=default_out("memory"), help="JSON output path")
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
+    models = args.models
     rss_limit = memory_budget_bytes(args.rss_limit_gb)
     target = args.target_gb * GB
 

@@ -40,6 +40,7 @@ from benchmarks.common import (
     PAPER,
     Column,
     TrainingBench,
+    add_models_argument,
     add_run_arguments,
     default_checkpoint_every,
     describe_machine,
@@ -52,6 +53,7 @@ from benchmarks.common import (
     pyplot,
     save_figure,
     write_json,
+    write_partial_json,
 )
 from larnn_jax import LARNN, LARNNCell
 
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--window", type=int, default=PAPER["window"])
     parser.add_argument("--layers", type=int, default=1, help="LARNN layers (attention: one)")
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
+    add_models_argument(parser, MODELS)
     add_run_arguments(parser, "scaling_length", repeats=3)
     args = parser.parse_args(argv)
     budget = memory_budget_bytes(args.memory_budget_gb)
@@ -216,7 +219,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     stopped: dict[str, str] = {}
+
+    def save_partial(group_rows: list[dict[str, Any]]) -> None:
+        write_partial_json(args.out, "scaling_length", vars(args), rows + group_rows)
+
     for group in TIMING_GROUPS:
+        group = [model for model in group if model in args.models]
+        if not group:
+            continue
         group_rows, group_stopped = measure_series(
             args.lengths,
             group,
@@ -225,8 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             warmup=args.warmup,
             memory_budget=budget,
             time_budget_s=args.time_budget_s,
+            after_point=save_partial,
         )
-        rows += group_rows
+        rows.extend(group_rows)
         stopped.update(group_stopped)
     for row in rows:
         row["ms_per_seq"] = row["median_s"] * 1e3 / args.batch
@@ -244,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figure = plot(rows, stopped, crossover, args.out)
     payload = {
         "benchmark": "scaling_length",
+        "complete": True,
         "config": vars(args),
         "larnn_block": f"{args.layers} LARNN layer(s), residual stacking",
         "attention_block": "one causal multi-head self-attention layer, residual sum",

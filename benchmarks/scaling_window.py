@@ -21,6 +21,7 @@ from benchmarks.common import (
     GIB,
     Column,
     TrainingBench,
+    add_models_argument,
     add_run_arguments,
     add_workload_arguments,
     describe_machine,
@@ -34,6 +35,7 @@ from benchmarks.common import (
     save_figure,
     workload_from_args,
     write_json,
+    write_partial_json,
 )
 
 MODELS = ("larnn", "larnn_naive")
@@ -71,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_workload_arguments(parser, skip=("window",), batch=64)
     parser.add_argument("--windows", type=int_list, default=doubling(1, 128))
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
+    add_models_argument(parser, MODELS)
     add_run_arguments(parser, "scaling_window", repeats=3)
     args = parser.parse_args(argv)
     budget = memory_budget_bytes(args.memory_budget_gb)
@@ -80,12 +83,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows, stopped = measure_series(
         args.windows,
-        MODELS,
+        args.models,
         make_bench,
         repeats=args.repeats,
         warmup=args.warmup,
         memory_budget=budget,
         time_budget_s=args.time_budget_s,
+        after_point=lambda so_far: write_partial_json(
+            args.out, "scaling_window", vars(args), so_far
+        ),
     )
     by_window: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -101,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figure = plot(rows, args.out)
     payload = {
         "benchmark": "scaling_window",
+        "complete": True,
         "config": vars(args),
         "memory_budget_bytes": budget,
         "rows": rows,

@@ -29,6 +29,7 @@ from benchmarks.common import (
     InferenceBench,
     TrainingBench,
     Workload,
+    add_models_argument,
     add_run_arguments,
     add_workload_arguments,
     describe_machine,
@@ -100,13 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
     add_run_arguments(parser, "throughput", repeats=5)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {MODELS}")
+    add_models_argument(parser, MODELS)
     parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    unknown = set(models) - set(MODELS)
-    if unknown:
-        parser.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    models = args.models
     budget = memory_budget_bytes(args.memory_budget_gb)
 
     train: dict[str, Callable[[], Any]] = {}

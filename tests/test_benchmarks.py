@@ -77,6 +77,42 @@ def test_scaling_length(tmp_path: Path) -> None:
     assert (Path.cwd() / document["figure"]).is_file()
 
 
+def test_scaling_length_runs_the_chosen_models_and_saves_after_every_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--models`` picks the series; the rows so far are saved after every length, marked
+    incomplete, so that a run stopped by a time limit keeps them; the final JSON replaces them."""
+    out = tmp_path / "scaling_length.json"
+    saved: list[dict[str, Any]] = []
+
+    def save_and_read(*args: Any) -> Path:
+        path = common.write_partial_json(*args)
+        saved.append(json.loads(path.read_text()))
+        return path
+
+    monkeypatch.setattr(scaling_length, "write_partial_json", save_and_read)
+    args = [*TINY, "--models", "attention", "--lengths", "8,16", "--batch", "2", "--repeats", "1"]
+    scaling_length.main([*args, "--warmup", "0", "--out", str(out)])
+    assert [[(row["point"], row["model"]) for row in s["rows"]] for s in saved] == [
+        [(8, "attention")],
+        [(8, "attention"), (16, "attention")],
+    ]
+    assert [s["complete"] for s in saved] == [False, False]
+    document = read_json(out, "scaling_length")
+    assert document["complete"] is True
+    assert [row["model"] for row in document["rows"]] == ["attention", "attention"]
+    assert document["larnn_doubling_ratios"] == [] and document["target"]["met"] is None
+
+
+def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--models`` with a name the script does not know stops before any work, naming it."""
+    with pytest.raises(SystemExit) as raised:
+        throughput.main(["--models", "larnn,gru"])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert "'larnn,gru'" in error and "choose from larnn,larnn_remat" in error
+
+
 def test_doubling_ratios() -> None:
     """``time(2T)/time(T)`` for measured pairs from T = 512 up only."""
     rows = [
@@ -160,6 +196,7 @@ class FakeBench:
 
 def test_measure_series_stops_at_the_memory_budget() -> None:
     """A model whose analysis exceeds the budget stops there; the others go on."""
+    saved_counts: list[int] = []
     rows, stopped = common.measure_series(
         [1, 2, 4],
         ["small", "big"],
@@ -169,7 +206,9 @@ def test_measure_series_stops_at_the_memory_budget() -> None:
         memory_budget=250,
         time_budget_s=None,
         log=lambda _: None,
+        after_point=lambda so_far: saved_counts.append(len(so_far)),
     )
+    assert saved_counts == [2, 4, 5]  # the rows so far, after every point
     assert [(row["point"], row["model"]) for row in rows] == [
         (1, "small"),
         (1, "big"),
