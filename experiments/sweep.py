@@ -53,8 +53,11 @@ from experiments.train import (
     TrainConfig,
     absolute_dataset_spec,
     absolute_path,
+    check_checkpoint_every,
+    load_config_dataset,
     train,
 )
+from larnn_jax.data import DataError
 
 #: What the sweep maximises: the validation accuracy of each epoch.
 METRIC, MODE = "val_accuracy", "max"
@@ -374,6 +377,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises:
         ConfigError: an invalid value (checked here rather than in every trial).
+        DataError: with ``--checkpoint-every``, the dataset (loaded to read its length) is bad.
     """
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.epochs is not None:
@@ -384,7 +388,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["dataset"] = absolute_dataset_spec(args.dataset)
     if args.data_dir is not None:
         overrides["data_dir"] = storage_uri(args.data_dir)
-    TrainConfig.from_dict(overrides)
+    config = TrainConfig.from_dict(overrides)
+    if config.checkpoint_every is not None:  # load the data once here, not fail in every trial
+        check_checkpoint_every(config.checkpoint_every, load_config_dataset(config))
     return overrides
 
 
@@ -423,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name=name,
                 seed=args.seed,
             )
-    except (ConfigError, SweepError) as err:
+    except (ConfigError, DataError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     resume = (

@@ -326,6 +326,17 @@ def load_config_dataset(config: TrainConfig) -> Dataset:
     )
 
 
+def check_checkpoint_every(checkpoint_every: int | None, dataset: Dataset) -> None:
+    """Raises :class:`ConfigError` unless ``checkpoint_every`` is off or divides the dataset's
+    sequence length ``T`` (the rematerialised scan runs in chunks of that many steps)."""
+    steps = dataset.train.x.shape[1]
+    if checkpoint_every is not None and steps % checkpoint_every:
+        raise ConfigError(
+            f"checkpoint_every {checkpoint_every} does not divide the sequence length "
+            f"T = {steps} of {dataset.name}"
+        )
+
+
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """Step → learning rate: ``learning_rate × decay_factor ** (epochs done // decay_every)``."""
     return optax.exponential_decay(
@@ -643,12 +654,7 @@ def _train_in(
         raise ConfigError(
             f"batch_size {config.batch_size} exceeds the {len(dataset.train.y)} training rows"
         )
-    sequence_length = dataset.train.x.shape[1]
-    if config.checkpoint_every is not None and sequence_length % config.checkpoint_every:
-        raise ConfigError(
-            f"checkpoint_every {config.checkpoint_every} does not divide the sequence length "
-            f"T = {sequence_length} of {dataset.name}"
-        )
+    check_checkpoint_every(config.checkpoint_every, dataset)
     model = build_model(config, dataset.num_classes)
     tx = make_optimizer(config, steps_per_epoch)
     state = init_state(model, tx, jnp.asarray(dataset.train.x[:1]), config.seed)

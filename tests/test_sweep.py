@@ -228,7 +228,9 @@ def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) 
     assert "checkpoint_every must be >= 1" in capsys.readouterr().err
 
 
-def test_trial_overrides(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trial_overrides(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Paths made absolute (trials run elsewhere), run options passed to every trial."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -237,6 +239,11 @@ def test_trial_overrides(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     def overrides(*argv: str) -> dict:
         return sweep._overrides(sweep.build_parser().parse_args(["--space", "round2", *argv]))
 
+    toy = tmp_path / "data" / "toy.npz"
+    toy.parent.mkdir()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 32, 2)).astype(np.float32), np.arange(10) % 2
+    np.savez(toy, X_train=x, y_train=y, X_test=x, y_test=y)
     assert overrides() == {"seed": 0}
     assert overrides(
         *["--dataset", "npz:data/toy.npz", "--data-dir", "data", "--seed", "3"],
@@ -250,6 +257,12 @@ def test_trial_overrides(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     }
     assert overrides("--dataset", "npz:~/toy.npz")["dataset"] == f"npz:{tmp_path}/home/toy.npz"
     assert overrides("--dataset", "uci_har")["dataset"] == "uci_har"
+    # --checkpoint-every must divide T: checked once, on the data, before any trial starts.
+    with pytest.raises(ConfigError, match="12 does not divide the sequence length T = 32 of toy"):
+        overrides("--dataset", "npz:data/toy.npz", "--checkpoint-every", "12")
+    argv = ["--space", "round2", "--dataset", "npz:data/absent.npz", "--checkpoint-every", "8"]
+    assert sweep.main(argv) == 2
+    assert "absent.npz" in capsys.readouterr().err
 
 
 def test_device_environment_of_trials() -> None:
