@@ -486,21 +486,23 @@ def workload_from_args(args: argparse.Namespace, block: str, **overrides: Any) -
     return Workload(block=block, **{**sizes, **overrides})
 
 
-def add_models_argument(parser: argparse.ArgumentParser, choices: Sequence[str]) -> None:
-    """Adds ``--models``: a comma-separated subset of ``choices`` (default: all), as a list."""
+def add_subset_argument(parser: argparse.ArgumentParser, flag: str, choices: Sequence[str]) -> None:
+    """Adds ``flag`` (e.g. ``--models``): a comma-separated subset of ``choices`` (default: all),
+    parsed into a list; an unknown or empty subset is a usage error that names it."""
+    what = flag.lstrip("-")
 
-    def model_list(text: str) -> list[str]:
-        models = [model for model in text.split(",") if model]
-        unknown = sorted(set(models) - set(choices))
-        if unknown or not models:
+    def subset(text: str) -> list[str]:
+        chosen = [item for item in text.split(",") if item]
+        unknown = sorted(set(chosen) - set(choices))
+        if unknown or not chosen:
             raise argparse.ArgumentTypeError(
-                f"unknown or no models in {text!r}; choose from {','.join(choices)}"
+                f"unknown or no {what} in {text!r}; choose from {','.join(choices)}"
             )
-        return models
+        return chosen
 
     parser.add_argument(
-        "--models",
-        type=model_list,
+        flag,
+        type=subset,
         default=list(choices),
         help=f"comma-separated subset of {','.join(choices)} (default: all)",
     )

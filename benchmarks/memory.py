@@ -34,7 +34,7 @@ from benchmarks.common import (
     Column,
     TrainingBench,
     Workload,
-    add_models_argument,
+    add_subset_argument,
     add_workload_arguments,
     default_out,
     describe_machine,
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser, steps=4096, batch=32)
-    add_models_argument(parser, BLOCKS)
+    add_subset_argument(parser, "--models", BLOCKS)
     parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
     parser.add_argument("--target-gb", type=float, default=TARGET_GB, help="memory target (GB)")
     parser.add_argument(

@@ -40,8 +40,8 @@ from benchmarks.common import (
     PAPER,
     Column,
     TrainingBench,
-    add_models_argument,
     add_run_arguments,
+    add_subset_argument,
     default_checkpoint_every,
     describe_machine,
     doubling,
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--window", type=int, default=PAPER["window"])
     parser.add_argument("--layers", type=int, default=1, help="LARNN layers (attention: one)")
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
-    add_models_argument(parser, MODELS)
+    add_subset_argument(parser, "--models", MODELS)
     add_run_arguments(parser, "scaling_length", repeats=3)
     args = parser.parse_args(argv)
     budget = memory_budget_bytes(args.memory_budget_gb)

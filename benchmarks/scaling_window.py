@@ -21,8 +21,8 @@ from benchmarks.common import (
     GIB,
     Column,
     TrainingBench,
-    add_models_argument,
     add_run_arguments,
+    add_subset_argument,
     add_workload_arguments,
     describe_machine,
     doubling,
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_workload_arguments(parser, skip=("window",), batch=64)
     parser.add_argument("--windows", type=int_list, default=doubling(1, 128))
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
-    add_models_argument(parser, MODELS)
+    add_subset_argument(parser, "--models", MODELS)
     add_run_arguments(parser, "scaling_window", repeats=3)
     args = parser.parse_args(argv)
     budget = memory_budget_bytes(args.memory_budget_gb)

@@ -31,6 +31,7 @@ from benchmarks.common import (
     PAPER,
     Column,
     add_run_arguments,
+    add_subset_argument,
     describe_machine,
     format_table,
     interleaved_timings,
@@ -99,14 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calls", type=int, default=3000, help="timed steps per cell")
     parser.add_argument("--scan-steps", type=int, default=1000, help="steps of the in-scan run")
     labels = [f"{name}/{norm}" if norm else name for name, norm in CELLS]
-    parser.add_argument("--cells", default=",".join(labels), help=f"subset of {labels}")
+    add_subset_argument(parser, "--cells", labels)
     add_run_arguments(parser, "streaming", repeats=10, warmup=100, memory_budget=False)
     args = parser.parse_args(argv)
-    chosen = [c for c in args.cells.split(",") if c]
-    if set(chosen) - set(labels):
-        parser.error(f"unknown cells {sorted(set(chosen) - set(labels))}; choose from {labels}")
 
-    selected = [(label, spec) for label, spec in zip(labels, CELLS, strict=True) if label in chosen]
+    selected = [
+        (label, spec) for label, spec in zip(labels, CELLS, strict=True) if label in args.cells
+    ]
     names = [label for label, _ in selected]
     cells = [make_cell(name, norm, args) for _, (name, norm) in selected]
     streams = {

@@ -29,8 +29,8 @@ from benchmarks.common import (
     InferenceBench,
     TrainingBench,
     Workload,
-    add_models_argument,
     add_run_arguments,
+    add_subset_argument,
     add_workload_arguments,
     describe_machine,
     format_table,
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
     add_run_arguments(parser, "throughput", repeats=5)
-    add_models_argument(parser, MODELS)
+    add_subset_argument(parser, "--models", MODELS)
     parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
     args = parser.parse_args(argv)
     models = args.models

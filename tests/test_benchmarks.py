@@ -105,12 +105,16 @@ def test_scaling_length_runs_the_chosen_models_and_saves_after_every_length(
 
 
 def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--models`` with a name the script does not know stops before any work, naming it."""
+    """``--models`` (``--cells``) with a name the script does not know stops before any work,
+    naming it."""
     with pytest.raises(SystemExit) as raised:
         throughput.main(["--models", "larnn,gru"])
     assert raised.value.code == 2
     error = capsys.readouterr().err
     assert "'larnn,gru'" in error and "choose from larnn,larnn_remat" in error
+    with pytest.raises(SystemExit):
+        streaming.main(["--cells", "larnn/batch,gru"])
+    assert "unknown or no cells in 'larnn/batch,gru'" in capsys.readouterr().err
 
 
 def test_doubling_ratios() -> None:
