@@ -97,7 +97,7 @@ def restore_run(
                     latest,
                 )
                 step = latest
-        config = TrainConfig.from_dict(meta["config"])
+        config = TrainConfig.from_saved(meta["config"])
         if data_dir is not None:
             config = dataclasses.replace(config, data_dir=data_dir)
         dataset = load_config_dataset(config)

@@ -42,8 +42,10 @@ from tqdm import tqdm
 
 from experiments import report
 from experiments.checkpoints import CheckpointStore
+from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES
 from larnn_jax.data import DataError, Dataset, Split, load_dataset
-from larnn_jax.models import SequenceClassifier
+from larnn_jax.models import BLOCKS, SequenceClassifier
+from larnn_jax.normalization import NORM_KINDS
 
 log = logging.getLogger("experiments.train")  # not __name__: that is "__main__" under -m
 
@@ -95,13 +97,13 @@ class TrainConfig:
         "larnn",
         "recurrent block: larnn (LSTM attending over its recent cell states), bnlstm (the same "
         "cell without attention) or lstm (plain LSTM, no normalisation or dropout)",
-        choices=("larnn", "bnlstm", "lstm"),
+        choices=BLOCKS,
     )
     mode: str = _option(
         "residual",
         "how attention enters the gates (larnn): residual (separate weights for input, hidden "
         "state and attention) or layer (one dense layer over their concatenation)",
-        choices=("residual", "layer"),
+        choices=MODES,
     )
     hidden: int = _option(81, "hidden size H: units of every layer (a multiple of --heads)")
     heads: int = _option(27, "attention heads (larnn)")
@@ -119,7 +121,14 @@ class TrainConfig:
     norm: str = _option(
         "batch",
         "normalisation inside the cells (larnn, bnlstm)",
-        choices=("batch", "layer", "none"),
+        choices=NORM_KINDS,
+    )
+    cell_norm_placement: str = _option(
+        "output",
+        "where the cell state's norm BN_c sits (larnn, bnlstm): output (c_t carried "
+        "unnormalised, h_t = BN_h(o * elu(BN_c(c_t))); stable) or carried (the paper's "
+        "c_t = BN_c(f * c_{t-1} + i * g), carried; its evaluation diverges on some sequences)",
+        choices=CELL_NORM_PLACEMENTS,
     )
     dropout: float = _option(0.0889, "dropout probability on each layer's output h_t")
     kv_dropout: float = _option(0.1, "dropout probability on window entries (larnn)")
@@ -223,6 +232,13 @@ class TrainConfig:
         _check_keys(values)
         return cls(**values)
 
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config of a saved run (``config.json``, a checkpoint's metadata): as
+        :meth:`from_dict`, but a field the run predates takes the value the run used
+        (:data:`SETTINGS_OF_OLDER_RUNS`), not today's default."""
+        return cls.from_dict(with_settings_of_older_runs(values))
+
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-serialisable."""
         return dataclasses.asdict(self)
@@ -232,6 +248,15 @@ class TrainConfig:
 #: or how much memory it takes, not what any completed epoch computes. (With dropout, changing
 #: checkpoint_every changes which dropout masks later epochs draw, not their distribution.)
 RUN_FIELDS = frozenset({"epochs", "checkpoint_every", "data_dir", "out", "progress"})
+
+
+#: Fields added after runs had been saved without them, with the value those runs used.
+SETTINGS_OF_OLDER_RUNS: dict[str, Any] = {"cell_norm_placement": "carried"}
+
+
+def with_settings_of_older_runs(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration with the fields it predates filled in as that run used them."""
+    return {**SETTINGS_OF_OLDER_RUNS, **saved}
 
 
 def _check_keys(values: dict[str, Any]) -> None:
@@ -307,6 +332,7 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
         use_positional_encoding=config.positional_encoding,
         activation_on_keys_and_values=config.kv_activation,
         norm=config.norm,
+        cell_norm_placement=config.cell_norm_placement,
         dropout_rate=config.dropout,
         kv_dropout_rate=config.kv_dropout,
         attention_dropout_rate=config.attention_dropout,
@@ -544,6 +570,7 @@ def absolute_dataset_spec(spec: str) -> str:
 
 def _check_same_config(saved: dict[str, Any], config: TrainConfig, where: pathlib.Path) -> None:
     """Raises ConfigError naming every field (outside RUN_FIELDS) that differs from ``saved``."""
+    saved = with_settings_of_older_runs(saved)
     current = config.to_dict()
     differences = [
         f"{name}: {saved.get(name, '<absent>')!r} in the run, {current.get(name, '<absent>')!r} now"

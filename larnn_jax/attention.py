@@ -90,7 +90,11 @@ def _attention_forward(query, keys, values, mask, weights_scale, num_heads):
     """The forward pass; returns the outputs and what the backward pass needs."""
     heads = head_indicator(query.shape[-1], num_heads, keys.dtype)
     scale = 1.0 / np.sqrt(query.shape[-1] // num_heads)
-    scores = (query[..., None, :] * keys) @ heads * jnp.asarray(scale, keys.dtype)
+    # The scale goes on the query, so that the scores are the product's output as it is: a
+    # multiplication after it would let XLA recompute them, fused with an FMA, in the softmax's
+    # `scores - max`; at scores of 1e9 that rounds to ±100 and exp overflows (NaN weights).
+    scaled_query = query * jnp.asarray(scale, query.dtype)
+    scores = (scaled_query[..., None, :] * keys) @ heads
     softmax_dtype = jnp.result_type(jnp.float32, scores.dtype)  # float32 or wider
     scores = jnp.where(mask[..., None], scores.astype(softmax_dtype), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-2).astype(values.dtype)  # (B, k, n)

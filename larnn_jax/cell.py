@@ -24,6 +24,16 @@ from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, stat
 
 Mode = Literal["residual", "layer"]
 MODES: tuple[str, ...] = ("residual", "layer")
+CellNormPlacement = Literal["output", "carried"]
+CELL_NORM_PLACEMENTS: tuple[str, ...] = ("output", "carried")
+
+
+def check_cell_norm_placement(placement: str) -> None:
+    """Raises ``ValueError`` naming ``placement`` unless it is one of :data:`CELL_NORM_PLACEMENTS`."""
+    if placement not in CELL_NORM_PLACEMENTS:
+        raise ValueError(
+            f"cell_norm_placement must be one of {CELL_NORM_PLACEMENTS}, got {placement!r}"
+        )
 
 
 class LARNNCarry(NamedTuple):
@@ -69,12 +79,20 @@ def _carry_dtype(dtype: Dtype | None, param_dtype: Dtype) -> Dtype:
 class GatedUpdate(nn.Module):
     """The BN-LSTM update shared by both cells: gate pre-activation ``z`` → ``(c_t, h_t)``.
 
-    ``z = BN_z(z)``; ``g, f, i, o = tanh, σ, σ, σ`` of its four ``H``-wide blocks;
-    ``c_t = BN_c(f ⊙ c_{t-1} + i ⊙ g)``; ``h_t = dropout(BN_h(o ⊙ elu(c_t)))``.
+    ``z = BN_z(z)``; ``g, f, i, o = tanh, σ, σ, σ`` of its four ``H``-wide blocks; then, with
+    ``cell_norm_placement``:
+
+    * ``'output'`` (default): ``c_t = f ⊙ c_{t-1} + i ⊙ g`` is carried unnormalised and
+      ``h_t = dropout(BN_h(o ⊙ elu(BN_c(c_t))))``. Every path of the recurrence passes through a
+      bounded gate, so ``|c_t| ≤ |c_{t-1}| + 1`` whatever the statistics.
+    * ``'carried'`` (the paper's formula): ``c_t = BN_c(f ⊙ c_{t-1} + i ⊙ g)`` is carried and
+      ``h_t = dropout(BN_h(o ⊙ elu(c_t)))``. In evaluation ``BN_c`` is a fixed affine map whose gain
+      compounds at every step: some sequences' states grow exponentially.
     """
 
     features: int
     norm: NormKind = "batch"
+    cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
     deterministic: bool = True
     dtype: Dtype | None = None
@@ -99,11 +117,14 @@ class GatedUpdate(nn.Module):
         running = self.deterministic
         z = self.gate_norm(z, use_running_average=running)
         g, f, i, o = jnp.split(z, 4, axis=-1)
-        c = self.cell_norm(
-            jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g),
-            use_running_average=running,
+        c = jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+        if self.cell_norm_placement == "carried":
+            c = normalised = self.cell_norm(c, use_running_average=running)
+        else:
+            normalised = self.cell_norm(c, use_running_average=running)
+        h = self.hidden_norm(
+            jax.nn.sigmoid(o) * jax.nn.elu(normalised), use_running_average=running
         )
-        h = self.hidden_norm(jax.nn.sigmoid(o) * jax.nn.elu(c), use_running_average=running)
         return c, _dropout(self, self.dropout_rate, h, self.deterministic)
 
 
@@ -140,12 +161,14 @@ def _check_input(x: jax.Array, h: jax.Array, input_projection: nn.Dense, other: 
 class BNLSTMCell(nn.RNNCellBase):
     """The LARNN cell without attention: a batch-normalised LSTM with ELU output (SPEC §1).
 
-    ``z = W_x x_t + W_h h_{t-1} + b``, then :class:`GatedUpdate`. Isolates what attention adds.
-    Carry: ``(c, h)``, both ``(B, H)``, as Flax's ``LSTMCell``.
+    ``z = W_x x_t + W_h h_{t-1} + b``, then :class:`GatedUpdate` (``norm``,
+    ``cell_norm_placement`` and ``dropout_rate`` are its attributes). Isolates what attention
+    adds. Carry: ``(c, h)``, both ``(B, H)``, as Flax's ``LSTMCell``.
     """
 
     features: int
     norm: NormKind = "batch"
+    cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
     deterministic: bool = True
     dtype: Dtype | None = None
@@ -153,6 +176,7 @@ class BNLSTMCell(nn.RNNCellBase):
 
     def __post_init__(self) -> None:
         check_norm_kind(self.norm)
+        check_cell_norm_placement(self.cell_norm_placement)
         _check_common(self.features, {"dropout_rate": self.dropout_rate})
         super().__post_init__()
 
@@ -161,7 +185,12 @@ class BNLSTMCell(nn.RNNCellBase):
         self.input_gates = nn.Dense(4 * self.features, **dense)
         self.hidden_gates = nn.Dense(4 * self.features, use_bias=False, **dense)
         self.update = GatedUpdate(
-            self.features, self.norm, self.dropout_rate, self.deterministic, **dense
+            self.features,
+            self.norm,
+            self.cell_norm_placement,
+            self.dropout_rate,
+            self.deterministic,
+            **dense,
         )
 
     def __call__(
@@ -212,6 +241,9 @@ class LARNNCell(nn.RNNCellBase):
       activation_on_keys_and_values: ``norm ∘ elu`` on keys and values (else the identity).
       norm: ``'batch'`` (the paper), ``'layer'`` or ``'none'``, used everywhere in the cell.
         ``'layer'`` and ``'none'`` work with batch size 1 and need no statistics.
+      cell_norm_placement: where the cell state's norm ``BN_c`` sits (see :class:`GatedUpdate`):
+        ``'output'`` (default; ``c_t`` is carried and enters the window unnormalised) or
+        ``'carried'`` (the paper's literal formula; unstable in evaluation).
       dropout_rate: dropout on ``h_t``.
       kv_dropout_rate: dropout on a cell state's features when it enters the window; the entry
         keeps that mask while it stays.
@@ -230,6 +262,7 @@ class LARNNCell(nn.RNNCellBase):
     use_positional_encoding: bool = False
     activation_on_keys_and_values: bool = True
     norm: NormKind = "batch"
+    cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
     kv_dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -256,6 +289,7 @@ class LARNNCell(nn.RNNCellBase):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         check_norm_kind(self.norm)
+        check_cell_norm_placement(self.cell_norm_placement)
         super().__post_init__()
 
     @property
@@ -305,7 +339,12 @@ class LARNNCell(nn.RNNCellBase):
         else:
             self.gates = nn.Dense(4 * features, **dense)
         self.update = GatedUpdate(
-            features, self.norm, self.dropout_rate, self.deterministic, **dense
+            features,
+            self.norm,
+            self.cell_norm_placement,
+            self.dropout_rate,
+            self.deterministic,
+            **dense,
         )
 
     def initialize_carry(self, rng: PRNGKey, input_shape: tuple[int, ...]) -> LARNNCarry:

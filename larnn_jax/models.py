@@ -15,7 +15,7 @@ import jax
 from flax import linen as nn
 from flax.typing import Dtype
 
-from larnn_jax.cell import BNLSTMCell, LARNNCell, Mode
+from larnn_jax.cell import BNLSTMCell, CellNormPlacement, LARNNCell, Mode
 from larnn_jax.layers import LARNN, last_valid_step
 from larnn_jax.normalization import NormKind
 
@@ -43,6 +43,7 @@ class SequenceClassifier(nn.Module):
     use_positional_encoding: bool = False
     activation_on_keys_and_values: bool = True
     norm: NormKind = "batch"
+    cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
     kv_dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -62,7 +63,11 @@ class SequenceClassifier(nn.Module):
             return nn.LSTMCell(self.features, dtype=self.dtype)
         if self.block == "bnlstm":
             return BNLSTMCell(
-                self.features, norm=self.norm, dropout_rate=self.dropout_rate, dtype=self.dtype
+                self.features,
+                norm=self.norm,
+                cell_norm_placement=self.cell_norm_placement,
+                dropout_rate=self.dropout_rate,
+                dtype=self.dtype,
             )
         return LARNNCell(
             self.features,
@@ -72,6 +77,7 @@ class SequenceClassifier(nn.Module):
             use_positional_encoding=self.use_positional_encoding,
             activation_on_keys_and_values=self.activation_on_keys_and_values,
             norm=self.norm,
+            cell_norm_placement=self.cell_norm_placement,
             dropout_rate=self.dropout_rate,
             kv_dropout_rate=self.kv_dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,

@@ -23,6 +23,7 @@ class CellCase:
     pe: bool = True
     act: bool = True
     norm: str = "batch"
+    cell_norm_placement: str = "output"
     batch: int = 3
     inputs: int = 5
     features: int = 6
@@ -44,6 +45,7 @@ class CellCase:
             use_positional_encoding=self.pe,
             activation_on_keys_and_values=self.act,
             norm=self.norm,
+            cell_norm_placement=self.cell_norm_placement,
             deterministic=deterministic,
             param_dtype=dtype,
         )

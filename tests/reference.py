@@ -137,6 +137,7 @@ def larnn_reference(
     activation_on_keys_and_values: bool,
     norm: str,
     train: bool,
+    cell_norm_placement: str = "output",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Runs the LARNN cell naively over a sequence, from the zero carry.
 
@@ -149,6 +150,9 @@ def larnn_reference(
         norm: as in ``LARNNCell``.
       train: batch statistics (and running-average updates) if ``True``, running averages if
         ``False``. Dropout is not modelled (rates 0).
+      cell_norm_placement: ``"output"``: the cell state is carried (and enters the window) as
+        ``c_t = f*c + i*g`` and ``h_t = BN_h(o * elu(BN_c(c_t)))``; ``"carried"`` (the paper's
+        formula): ``c_t = BN_c(f*c + i*g)`` is carried and ``h_t = BN_h(o * elu(c_t))``.
 
     Returns:
       ``(ys, h, c, stats)``: ``ys`` ``(B, T, H)`` the outputs ``h_t`` of every step; ``h``, ``c``
@@ -227,8 +231,14 @@ def larnn_reference(
         f = sigmoid(z[:, hidden : 2 * hidden])
         i = sigmoid(z[:, 2 * hidden : 3 * hidden])
         o = sigmoid(z[:, 3 * hidden : 4 * hidden])
-        c = norms(("update", "cell_norm"), f * c + i * g)
-        h = norms(("update", "hidden_norm"), o * elu(c))
+        c = f * c + i * g
+        if cell_norm_placement == "carried":
+            c = norms(("update", "cell_norm"), c)
+            h = norms(("update", "hidden_norm"), o * elu(c))
+        elif cell_norm_placement == "output":
+            h = norms(("update", "hidden_norm"), o * elu(norms(("update", "cell_norm"), c)))
+        else:
+            raise ValueError(f"unknown cell_norm_placement {cell_norm_placement!r}")
         outputs.append(h)
 
         window.insert(0, c)  # FIFO: c_t becomes position 1 ...

@@ -124,6 +124,7 @@ def run_reference(cfg: Config, variables: dict, x: np.ndarray, train: bool):
         activation_on_keys_and_values=cfg.act,
         norm=cfg.norm,
         train=train,
+        cell_norm_placement=cfg.cell_norm_placement,
     )
 
 
@@ -185,9 +186,11 @@ def compare_with_reference(cfg: Config, train: bool, dtype=np.float64, rtol=RTOL
 @pytest.mark.parametrize("act", [True, False], ids=["act", "noact"])
 @pytest.mark.parametrize("pe", [True, False], ids=["pe", "nope"])
 @pytest.mark.parametrize("mode", ["residual", "layer"])
-def test_batch_norm_configurations(mode, pe, act, train):
-    """Every mode × positional encoding × activation on keys/values, batch norm, train and eval."""
-    compare_with_reference(Config(mode=mode, pe=pe, act=act), train)
+@pytest.mark.parametrize("placement", ["output", "carried"])
+def test_batch_norm_configurations(placement, mode, pe, act, train):
+    """Every ``BN_c`` placement × mode × positional encoding × activation on keys/values, batch
+    norm, train and eval."""
+    compare_with_reference(Config(mode=mode, pe=pe, act=act, cell_norm_placement=placement), train)
 
 
 SHAPES = {

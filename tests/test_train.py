@@ -331,6 +331,25 @@ def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
     assert resumed[3]["epoch"] == 4
 
 
+def test_runs_saved_before_cell_norm_placement_keep_the_papers_placement(
+    finished_run: dict, tmp_path: pathlib.Path
+) -> None:
+    """A run saved without ``cell_norm_placement`` trained with ``BN_c`` on the carried state:
+    it is read back that way, and resuming it with today's default says what differs."""
+    out = tmp_path / "old_run"
+    shutil.copytree(finished_run["out"], out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["cell_norm_placement"]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert TrainConfig.from_saved(saved).cell_norm_placement == "carried"
+    assert TrainConfig.from_dict(saved).cell_norm_placement == "output"
+    config = TrainConfig.from_dict({**saved, "out": str(out)})
+    with pytest.raises(
+        ConfigError, match="differs in cell_norm_placement: 'carried' in the run, 'output' now"
+    ):
+        train_module.train(config, resume=True)
+
+
 def test_invalid_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="multiple of heads"):
         TrainConfig(hidden=10, heads=3)
