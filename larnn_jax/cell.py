@@ -1,8 +1,11 @@
-"""The LARNN cell and its attention-free twin, the BN-LSTM cell (SPEC §1).
+"""The LARNN cell and its attention-free twin, the BN-LSTM cell (``docs/model.md``, section 1).
 
 Both are Flax ``nn.RNNCellBase`` cells: ``cell(carry, x) -> (carry, h)`` for one time step, with
 ``initialize_carry(rng, input_shape)``. Shapes: batch ``B`` (any number of leading axes), input
 features ``D``, hidden features ``H``, window ``k``.
+
+This module is the readable definition that every faster path (``larnn_jax.ops``) is tested
+against: :meth:`LARNNCell.step` is the step's equations, in their order.
 
 Batch normalisation inside a recurrence: the statistics live in the ``batch_stats`` collection and
 are updated at every step, so a scan over the cell must carry that collection in training. Use
@@ -17,10 +20,13 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, PRNGKey
 
+from larnn_jax import window as fifo
 from larnn_jax.attention import positional_encoding, window_attention
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
+from larnn_jax.window import WindowScheme, WindowState, WindowView
 
 Mode = Literal["residual", "layer"]
 MODES: tuple[str, ...] = ("residual", "layer")
@@ -34,34 +40,6 @@ def check_cell_norm_placement(placement: str) -> None:
         raise ValueError(
             f"cell_norm_placement must be one of {CELL_NORM_PLACEMENTS}, got {placement!r}"
         )
-
-
-class LARNNCarry(NamedTuple):
-    """The state a :class:`LARNNCell` carries from one step to the next.
-
-    Before step ``t``, the window ``W_t = [c_{t-1}, …, c_{t-k}]`` is held as ``c = c_{t-1}``
-    (not yet projected) plus the projected keys and values of the ``k - 1`` older entries,
-    newest first. Step ``t`` projects ``c_{t-1}`` once, pushes it in front and drops the oldest.
-
-    Attributes:
-      h: ``(B, H)`` previous output ``h_{t-1}``.
-      c: ``(B, H)`` previous cell state ``c_{t-1}``.
-      keys: ``(B, k-1, H)`` stored key entries for ``c_{t-2} … c_{t-k}`` (see
-        :meth:`LARNNCell.stored_entry`); zeros where not yet filled.
-      values: ``(B, k-1, H)`` stored value entries, likewise.
-      length: ``(B,)`` int32, how many of ``keys``/``values`` are filled (0 … k-1).
-      moment_sums: ``(B, 4, H)`` per-sample sums over the filled entries of ``d_key``,
-        ``d_value``, ``d_key²`` and ``d_value²``, where ``d`` is an entry minus the entry of a
-        zero cell state; the window's batch statistics come from them (see
-        :meth:`LARNNCell.window_moments`). ``(B, 0, H)`` where the cell does not use them.
-    """
-
-    h: jax.Array
-    c: jax.Array
-    keys: jax.Array
-    values: jax.Array
-    length: jax.Array
-    moment_sums: jax.Array
 
 
 def _dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -159,7 +137,7 @@ def _check_input(x: jax.Array, h: jax.Array, input_projection: nn.Dense, other: 
 
 
 class BNLSTMCell(nn.RNNCellBase):
-    """The LARNN cell without attention: a batch-normalised LSTM with ELU output (SPEC §1).
+    """The LARNN cell without attention: a batch-normalised LSTM with ELU output.
 
     ``z = W_x x_t + W_h h_{t-1} + b``, then :class:`GatedUpdate` (``norm``,
     ``cell_norm_placement`` and ``dropout_rate`` are its attributes). Isolates what attention
@@ -221,15 +199,91 @@ class BNLSTMCell(nn.RNNCellBase):
         return 1
 
 
+class ConcatDense(nn.Module):
+    """``W [x ; r] + b``: one dense layer on the concatenation of an input ``x`` and the rest ``r``.
+
+    Computed part by part, so that ``x``'s part can be applied to a whole sequence before a scan
+    (:meth:`LARNNCell.input_terms`). Its parameters and their initialisation are those of
+    ``nn.Dense`` on the concatenation: ``kernel`` ``(D + rest_features, features)``, ``bias``.
+
+    Attributes:
+      features: output features ``F``.
+      rest_features: features of ``r``; ``D`` comes from the first ``x`` seen.
+    """
+
+    features: int
+    rest_features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array | None, rest: jax.Array | None) -> jax.Array:
+        """``W_x x + b`` (``rest`` None), ``W_r r`` (``x`` None) or ``W [x ; r] + b``.
+
+        ``x``: ``(..., D)``; ``rest``: ``(..., rest_features)``. Returns ``(..., F)``.
+        """
+        if self.has_variable("params", "kernel"):
+            shape = self.get_variable("params", "kernel").shape
+        elif x is None:
+            raise ValueError(f"{self.name}: the first call must include the input x")
+        else:
+            shape = (x.shape[-1] + self.rest_features, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        input_features = shape[0] - self.rest_features
+        if x is not None and x.shape[-1] != input_features:
+            raise ValueError(
+                f"{type(self.parent).__name__}: input has {x.shape[-1]} features (shape "
+                f"{x.shape}) but the parameters were initialised for {input_features}"
+            )
+        terms = []
+        if x is not None:
+            x, input_kernel, bias = promote_dtype(
+                x, kernel[:input_features], bias, dtype=self.dtype
+            )
+            terms.append(x @ input_kernel + bias)
+        if rest is not None:
+            rest, rest_kernel = promote_dtype(rest, kernel[input_features:], dtype=self.dtype)
+            terms.append(rest @ rest_kernel)
+        return sum(terms[1:], terms[0])
+
+
+class LARNNCarry(NamedTuple):
+    """The state a :class:`LARNNCell` carries from one step to the next.
+
+    Attributes:
+      h: ``(B, H)`` previous output ``h_{t-1}``.
+      c: ``(B, H)`` previous cell state ``c_{t-1}`` (it enters the window at step ``t``).
+      window: the entries of ``c_{t-2} … c_{t-k}`` (:class:`larnn_jax.window.WindowState`).
+    """
+
+    h: jax.Array
+    c: jax.Array
+    window: WindowState
+
+
+class InputTerms(NamedTuple):
+    """The parts of a step that depend on its input ``x_t`` only (no recurrence).
+
+    Attributes:
+      query: ``(B, H)``, ``W_q^x x_t + b_q``.
+      gates: ``(B, 4H)``, ``W_x x_t + b``.
+    """
+
+    query: jax.Array
+    gates: jax.Array
+
+
 class LARNNCell(nn.RNNCellBase):
-    """Linear Attention Recurrent Neural Network cell (SPEC §1).
+    """Linear Attention Recurrent Neural Network cell (``docs/model.md``, section 1).
 
     A BN-LSTM whose gates also see ``a_t``, the multi-head attention of a query built from
     ``[x_t ; h_{t-1}]`` over a first-in-first-out window of the ``k`` most recent cell states.
 
     Each window entry is projected to a key and a value once, when it enters the window, and the
-    window's batch normalisation is folded into the query and the attention output (SPEC §2), so
-    a step costs ``O(H² + k·H)`` per sample and gives the naive definition's result.
+    window's batch normalisation is folded into the query and the attention output
+    (``docs/model.md``, section 2), so a step costs ``O(H² + k·H)`` per sample and gives the
+    naive definition's result.
 
     Attributes:
       features: hidden size ``H``; must be divisible by ``num_heads``.
@@ -293,33 +347,18 @@ class LARNNCell(nn.RNNCellBase):
         super().__post_init__()
 
     @property
-    def _normalises_window(self) -> bool:
-        return self.activation_on_keys_and_values and self.norm != "none"
-
-    @property
-    def _caches_activation(self) -> bool:
-        """Whether the stored entries can already hold ``elu`` of the projection.
-
-        Without positional encoding an entry's pre-activation never changes while it stays in
-        the window; with it, the position term changes at every step.
-        """
-        return self.activation_on_keys_and_values and not self.use_positional_encoding
-
-    @property
-    def _slides_window_moments(self) -> bool:
-        """Whether the window's batch statistics come from the carry's ``moment_sums``.
-
-        When the entries never change while they stay in the window (they hold their final
-        keys and values) and are batch-normalised, a sample's sums over its window change only
-        by the entry that enters and the one that leaves: the statistics cost ``O(B·H)`` per
-        step instead of ``O(B·k·H)``, and the training scan keeps nothing window-sized for them.
-        """
-        return self._caches_activation and self.norm == "batch"
+    def scheme(self) -> WindowScheme:
+        """How this cell keeps its window and takes the window's statistics."""
+        return WindowScheme.for_cell(
+            activation_on_keys_and_values=self.activation_on_keys_and_values,
+            use_positional_encoding=self.use_positional_encoding,
+            norm=self.norm,
+        )
 
     def setup(self) -> None:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         features = self.features
-        self.query = nn.Dense(features, **dense)
+        self.query = ConcatDense(features, rest_features=features, **dense)
         # Terms that add the same amount to every score of a head cancel in the softmax, so the
         # keys get no bias where it would be such a term (it could never be learned).
         self.key = nn.Dense(features, use_bias=self.activation_on_keys_and_values, **dense)
@@ -327,7 +366,7 @@ class LARNNCell(nn.RNNCellBase):
         if self.use_positional_encoding:
             self.key_position = nn.Dense(features, use_bias=False, **dense)
             self.value_position = nn.Dense(features, use_bias=False, **dense)
-        window_norm = "none" if not self._normalises_window else self.norm
+        window_norm = self.norm if self.activation_on_keys_and_values else "none"
         self.key_norm = FeatureNorm(window_norm, features, use_bias=False, **dense)
         self.value_norm = FeatureNorm(window_norm, features, **dense)
         self.attention_output = nn.Dense(features, **dense)
@@ -337,7 +376,7 @@ class LARNNCell(nn.RNNCellBase):
             self.hidden_gates = nn.Dense(4 * features, use_bias=False, **dense)
             self.attention_gates = nn.Dense(4 * features, use_bias=False, **dense)
         else:
-            self.gates = nn.Dense(4 * features, **dense)
+            self.gates = ConcatDense(4 * features, rest_features=2 * features, **dense)
         self.update = GatedUpdate(
             features,
             self.norm,
@@ -351,7 +390,7 @@ class LARNNCell(nn.RNNCellBase):
         """The initial carry for inputs of shape ``(*batch, D)``: ``c_{-1} = h_{-1} = 0``.
 
         Also creates the normalisation statistics, so that a scan carrying ``batch_stats`` finds
-        them (SPEC §2b). To start from another ``c_{-1}``, replace ``c`` in the result.
+        them (``docs/model.md``, section 4). To start from another ``c_{-1}``, replace ``c``.
         """
         del rng
         if self.scope is not None:  # bound (inside init/apply): make the statistics exist
@@ -361,177 +400,177 @@ class LARNNCell(nn.RNNCellBase):
         batch = tuple(input_shape[:-1])
         dtype = _carry_dtype(self.dtype, self.param_dtype)
         state = jnp.zeros((*batch, self.features), dtype)
-        window = jnp.zeros((*batch, self.window_size - 1, self.features), dtype)
-        sums = jnp.zeros(
-            (*batch, 4 if self._slides_window_moments else 0, self.features),
+        window = fifo.empty_state(
+            batch,
+            self.window_size,
+            self.features,
+            dtype,
             statistics_dtype(dtype, self.param_dtype),
+            self.scheme.carries_moments,
         )
-        return LARNNCarry(state, state, window, window, jnp.zeros(batch, jnp.int32), sums)
+        return LARNNCarry(state, state, window)
 
     @property
     def num_feature_axes(self) -> int:
         return 1
 
-    def stored_entry(self, projection: nn.Dense, c: jax.Array) -> jax.Array:
-        """What the window stores for cell state ``c`` (``(B, H)`` → ``(B, H)``).
+    def __call__(self, carry: LARNNCarry, x: jax.Array) -> tuple[LARNNCarry, jax.Array]:
+        """One time step: ``x`` ``(B, D)`` at step ``t`` → (the carry after it, ``h_t`` ``(B, H)``)."""
+        if x.ndim != carry.h.ndim or x.shape[:-1] != carry.h.shape[:-1]:
+            raise ValueError(
+                f"LARNNCell: input of shape {x.shape} does not match the carry's batch shape "
+                f"{carry.h.shape[:-1]}; a step takes x of shape (*batch, features) - for whole "
+                "sequences (batch, time, features) use LARNNLayer or nn.RNN"
+            )
+        return self.step(carry, self.input_terms(x))
 
-        ``W c + b``, and ``elu`` of it when that can be cached (see ``_caches_activation``).
+    def input_terms(self, x: jax.Array) -> InputTerms:
+        """The terms of a step that need ``x_t`` only: ``x`` ``(..., D)`` → :class:`InputTerms`.
+
+        ``x`` may hold a whole sequence: one matrix product for all steps.
         """
-        entry = projection(c)
-        return jax.nn.elu(entry) if self._caches_activation else entry
+        if self.mode == "residual":
+            gates = self.input_gates(x)
+        else:
+            gates = self.gates(x, None)
+        return InputTerms(self.query(x, None), gates)
 
-    def window_features(self, stored: jax.Array, position: nn.Dense | None) -> jax.Array:
-        """Stored entries ``(B, k, H)`` → the keys or values before normalisation ``(B, k, H)``.
+    def step(self, carry: LARNNCarry, terms: InputTerms) -> tuple[LARNNCarry, jax.Array]:
+        """One time step from its :class:`InputTerms`; the equations of ``docs/model.md``, section 1.
 
-        Adds the projected positional encoding (entry ``j`` is at position ``j + 1``) and the
-        activation where the stored entries do not hold them yet.
+        Returns the carry after step ``t`` and ``h_t`` ``(B, H)``.
         """
-        if position is None:
-            return stored
-        table = positional_encoding(
-            self.window_size, jnp.result_type(stored.dtype, self.param_dtype)
+        # c_{t-1} enters the window, in front: W_k c_{t-1} (+ b_k), W_v c_{t-1} + b_v  (B, H) each
+        window = fifo.push(carry.window, *self.enter(carry.c))  # (B, k, H) each, newest first
+        h, c, moment_sums = self.step_over_window(
+            carry.h, carry.c, window, carry.window.moment_sums, terms
         )
-        pre_activation = stored + position(jnp.asarray(table))
-        return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
+        dtype = carry.h.dtype
+        return LARNNCarry(h.astype(dtype), c.astype(dtype), fifo.pop(window, moment_sums)), h
 
-    def deviation_sums(self, keys: jax.Array, values: jax.Array, shift: jax.Array) -> jax.Array:
-        """One entry's terms of ``moment_sums``: stored entries ``(B, H)`` → ``(B, 4, H)``.
+    def enter(self, c_prev: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The key and value entries ``(B, H)`` with which ``c_{t-1}`` ``(B, H)`` enters the window.
 
-        ``shift``: ``(2, H)``, :meth:`window_shift`.
+        Key/value dropout drops features of ``c_{t-1}`` here, once: the entries keep that mask
+        while they stay.
         """
-        deviation = jnp.stack([keys, values], axis=-2).astype(shift.dtype) - shift
-        return jnp.concatenate([deviation, jnp.square(deviation)], axis=-2)
+        return self.entries(_dropout(self, self.kv_dropout_rate, c_prev, self.deterministic))
 
-    def window_shift(self, dtype: Dtype) -> jax.Array:
-        """``(2, H)``: the stored key and value entries of a zero cell state.
-
-        The moment sums count deviations from it: a constant (no gradient flows through it)
-        that keeps ``E[d²] − E[d]²`` from cancelling; at the first step every entry equals it.
-        """
-        zero = jnp.zeros((self.features,), dtype)
-        shift = jnp.stack([self.stored_entry(self.key, zero), self.stored_entry(self.value, zero)])
-        return jax.lax.stop_gradient(shift.astype(dtype))
-
-    def window_moments(
-        self, moment_sums: jax.Array, length: jax.Array, shift: jax.Array
-    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-        """Batch mean and biased variance ``(H,)`` of the keys and of the values in the window.
-
-        Args:
-          moment_sums: ``(B, 4, H)`` sums over every sample's valid entries (see
-            :class:`LARNNCarry`).
-          length: ``(B,)`` how many entries each sample's window holds.
-          shift: ``(2, H)``, :meth:`window_shift`.
-
-        Returns:
-          ``((key_mean, key_var), (value_mean, value_var))``.
-        """
-        totals = jnp.sum(moment_sums, axis=tuple(range(moment_sums.ndim - 2)))  # (4, H)
-        means = totals / jnp.sum(length).astype(totals.dtype)
-        deviation_mean, square_mean = means[:2], means[2:]
-        variance = jnp.maximum(square_mean - jnp.square(deviation_mean), 0.0)
-        mean = shift + deviation_mean
-        return (mean[0], variance[0]), (mean[1], variance[1])
-
-    def attend(
+    def step_over_window(
         self,
         h_prev: jax.Array,
-        x: jax.Array,
-        keys: jax.Array,
-        values: jax.Array,
-        mask: jax.Array,
-        window_moments: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
-    ) -> jax.Array:
-        """``a_t``: ``(B, H)`` from ``x``: ``(B, D)``, ``h_prev``: ``(B, H)`` and the full window.
+        c_prev: jax.Array,
+        window: WindowView,
+        moment_sums: jax.Array,
+        terms: InputTerms,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The rest of step ``t`` once ``c_{t-1}`` has entered ``window``.
 
-        ``keys``/``values``: stored entries ``(B, k, H)``; ``mask``: ``(B, k)`` valid entries;
-        ``window_moments``: their batch statistics where :meth:`window_moments` gave them (else
-        they are computed from the window).
+        Args:
+          h_prev, c_prev: ``(B, H)``, ``h_{t-1}`` and ``c_{t-1}``.
+          window: the ``k`` entries attended over, newest first.
+          moment_sums: the sums over the window's entries before ``c_{t-1}`` entered (see
+            :class:`~larnn_jax.window.WindowState`).
+          terms: the step's :class:`InputTerms`.
+
+        Returns:
+          ``h_t``, ``c_t`` ``(B, H)`` and the moment sums for the next step's window state.
+        """
+        # q = elu(W_q [x_t ; h_{t-1}] + b_q)                                         (B, H)
+        query = jax.nn.elu(terms.query + self.query(None, h_prev))
+        # a_t = BN_a(elu(W_o concat_h(Σ_j α_j V_j) + b_o))                          (B, H)
+        a, moment_sums = self.attend(query, window, moment_sums)
+        # z = W_x x_t + W_h h_{t-1} + W_a a_t + b   (or W [x_t ; h_{t-1} ; a_t] + b)  (B, 4H)
+        z = terms.gates + self.recurrent_gate_terms(h_prev, a)
+        # c_t = f ⊙ c_{t-1} + i ⊙ g,  h_t = BN_h(o ⊙ elu(BN_c(c_t)))                  (B, H) each
+        c, h = self.update(z, c_prev)
+        return h, c, moment_sums
+
+    def entries(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What the window stores for cell state ``c`` ``(B, H)``: its key and value entries.
+
+        ``W c + b`` each, and ``elu`` of it where the scheme caches the activation.
+        """
+        key, value = self.key(c), self.value(c)
+        if self.scheme.caches_activation:
+            return jax.nn.elu(key), jax.nn.elu(value)
+        return key, value
+
+    def recurrent_gate_terms(self, h_prev: jax.Array, a: jax.Array) -> jax.Array:
+        """``W_h h_{t-1} + W_a a_t`` ``(B, 4H)`` (``'layer'`` mode: the same with one matrix)."""
+        if self.mode == "residual":
+            return self.hidden_gates(h_prev) + self.attention_gates(a)
+        return self.gates(None, jnp.concatenate([h_prev, a], axis=-1))
+
+    def attend(
+        self, query: jax.Array, window: WindowView, moment_sums: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``a_t`` ``(B, H)``: the query ``(B, H)`` attending over ``window``.
+
+        ``moment_sums``: the state's carried sums (see :class:`~larnn_jax.window.WindowState`).
+        Returns ``a_t`` and the sums for the next step's state.
         """
         running = self.deterministic
-        key_position = self.key_position if self.use_positional_encoding else None
-        value_position = self.value_position if self.use_positional_encoding else None
-        keys = self.window_features(keys, key_position)
-        values = self.window_features(values, value_position)
-        query = jax.nn.elu(self.query(jnp.concatenate([x, h_prev], axis=-1)))
-        if self._normalises_window and self.norm == "batch":
-            # K = E_k·s_k + t_k: <q, K_j> = <q·s_k, E_k,j> + a per-head constant the softmax
-            # cancels. V = E_v·s_v + t_v: Σ α_j V_j = (Σ α_j E_v,j)·s_v + (Σ α_j)·t_v.
-            key_moments, value_moments = window_moments or (None, None)
+        scheme = self.scheme
+        keys = self.window_features(window.key_entries, "key")  # E_K (B, k, H)
+        values = self.window_features(window.value_entries, "value")  # E_V (B, k, H)
+        key_moments = value_moments = None
+        if scheme.carries_moments:
+            reference = self.zero_state_entries(moment_sums.dtype)
+            window_sums, moment_sums = fifo.slide_moment_sums(window, moment_sums, reference)
+            if not running:
+                key_moments, value_moments = fifo.moments_from_sums(
+                    window_sums, window.count, reference
+                )
+        if scheme.folds_batch_norm:
+            # K = E_K·s_K + t_K: <q, K_j> = <q·s_K, E_K,j> + a per-head constant the softmax
+            # cancels. V = E_V·s_V + t_V: Σ α_j V_j = (Σ α_j E_V,j)·s_V + (Σ α_j)·t_V.
             key_scale, _ = self.key_norm.scale_and_shift(
-                keys, mask, use_running_average=running, moments=key_moments
+                keys, window.mask, use_running_average=running, moments=key_moments
             )
             value_scale, value_shift = self.value_norm.scale_and_shift(
-                values, mask, use_running_average=running, moments=value_moments
+                values, window.mask, use_running_average=running, moments=value_moments
             )
             query = query * key_scale.astype(query.dtype)
         else:
-            keys = self.key_norm(keys, mask, use_running_average=running)
-            values = self.value_norm(values, mask, use_running_average=running)
+            keys = self.key_norm(keys, window.mask, use_running_average=running)
+            values = self.value_norm(values, window.mask, use_running_average=running)
             value_scale, value_shift = 1.0, 0.0
 
         dropping = self.attention_dropout_rate > 0 and not self.deterministic
-        weights_shape = (*mask.shape, self.num_heads) if dropping else ()  # () broadcasts
+        weights_shape = (*window.mask.shape, self.num_heads) if dropping else ()  # () broadcasts
         weights_scale = _dropout(
             self, self.attention_dropout_rate, jnp.ones(weights_shape, keys.dtype), not dropping
         )
         context, weight_total = window_attention(
-            query, keys, values, mask, weights_scale, self.num_heads
+            query, keys, values, window.mask, weights_scale, self.num_heads
         )
         attended = context * value_scale + weight_total * value_shift
-        return self.attention_norm(
+        a = self.attention_norm(
             jax.nn.elu(self.attention_output(attended.astype(keys.dtype))),
             use_running_average=running,
         )
+        return a, moment_sums
 
-    def gate_preactivation(self, x: jax.Array, h_prev: jax.Array, a: jax.Array) -> jax.Array:
-        """``z``: ``(B, 4H)`` from ``x``: ``(B, D)``, ``h_prev`` and ``a``: ``(B, H)``."""
-        if self.mode == "residual":
-            return self.input_gates(x) + self.hidden_gates(h_prev) + self.attention_gates(a)
-        return self.gates(jnp.concatenate([x, h_prev, a], axis=-1))
+    def window_features(self, entries: jax.Array, kind: Literal["key", "value"]) -> jax.Array:
+        """Stored entries ``(B, k, H)`` → the keys or values before normalisation ``(B, k, H)``.
 
-    def __call__(self, carry: LARNNCarry, x: jax.Array) -> tuple[LARNNCarry, jax.Array]:
-        """One time step.
-
-        Args:
-          carry: :class:`LARNNCarry` before step ``t``.
-          x: ``(B, D)`` input at step ``t``.
-
-        Returns:
-          The carry after step ``t`` and the output ``h_t``, ``(B, H)``.
+        Adds the projected positional encoding (entry ``j`` is at position ``j + 1``) and the
+        activation where the entries do not hold them yet.
         """
-        _check_input(x, carry.h, self.query, other=self.features)
-        # Push c_{t-1}: project it once (after key/value dropout) and put it in front.
-        entering = _dropout(self, self.kv_dropout_rate, carry.c, self.deterministic)
-        dtype = carry.h.dtype
-        keys = jnp.concatenate(
-            [self.stored_entry(self.key, entering)[..., None, :].astype(dtype), carry.keys], axis=-2
+        if not self.use_positional_encoding:
+            return entries
+        position = self.key_position if kind == "key" else self.value_position
+        table = positional_encoding(
+            self.window_size, jnp.result_type(entries.dtype, self.param_dtype)
         )
-        values = jnp.concatenate(
-            [self.stored_entry(self.value, entering)[..., None, :].astype(dtype), carry.values],
-            axis=-2,
-        )
-        length = jnp.minimum(carry.length + 1, self.window_size)
-        mask = jnp.arange(self.window_size) < length[..., None]  # (B, k)
+        pre_activation = entries + position(jnp.asarray(table))
+        return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
 
-        moment_sums, window_moments = carry.moment_sums, None
-        if self._slides_window_moments:
-            shift = self.window_shift(moment_sums.dtype)
-            moment_sums += self.deviation_sums(keys[..., 0, :], values[..., 0, :], shift)
-            if not self.deterministic:
-                window_moments = self.window_moments(moment_sums, length, shift)
-            leaving = (length == self.window_size)[..., None, None]  # the oldest entry drops
-            oldest = self.deviation_sums(keys[..., -1, :], values[..., -1, :], shift)
-            moment_sums -= jnp.where(leaving, oldest, jnp.zeros_like(oldest))
+    def zero_state_entries(self, dtype: Dtype) -> jax.Array:
+        """``(2, H)``: the key and value entries of a zero cell state, a constant (no gradient).
 
-        a = self.attend(carry.h, x, keys, values, mask, window_moments)
-        c, h = self.update(self.gate_preactivation(x, carry.h, a), carry.c)
-        new_carry = LARNNCarry(
-            h=h.astype(dtype),
-            c=c.astype(dtype),
-            keys=keys[..., :-1, :],
-            values=values[..., :-1, :],
-            length=jnp.minimum(length, self.window_size - 1),
-            moment_sums=moment_sums,
-        )
-        return new_carry, h
+        The carried moment sums count deviations from it (:func:`larnn_jax.window.deviation_sums`).
+        """
+        zero = jnp.zeros((self.features,), dtype)
+        return jax.lax.stop_gradient(jnp.stack(self.entries(zero)).astype(dtype))

@@ -1,25 +1,24 @@
-"""Recurrent layers: a cell scanned over a sequence, and stacks of them (SPEC §3).
+"""Recurrent layers: a cell scanned over a sequence, and stacks of them (``docs/model.md``, §3).
 
 Shapes: batch ``B``, time ``T``, input features ``D``, hidden features ``H``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import PRNGKey
 
+from larnn_jax.cell import LARNNCell
+from larnn_jax.ops.fused_rnn import FusedRNN
+from larnn_jax.ops.remat_rnn import remat_rnn
+
 Carry = Any
-
-
-class _ChunkRNN(nn.RNN):
-    """``nn.RNN`` over one chunk of a sequence, in the ``(carry, x) -> (carry, y)`` form of a scan."""
-
-    def __call__(self, carry: Carry, chunk: jax.Array) -> tuple[Carry, jax.Array]:  # type: ignore[override]
-        return super().__call__(chunk, initial_carry=carry, return_carry=True)
+Scan = Literal["fused", "plain", "remat"]
+SCANS: tuple[str, ...] = ("fused", "plain", "remat")
 
 
 def _with_mode(cell: nn.RNNCellBase, deterministic: bool | None) -> nn.RNNCellBase:
@@ -37,35 +36,45 @@ class LARNNLayer(nn.Module):
     scan, so cells with ``norm='batch'`` cannot update (nor even read) their statistics in it.
     This layer picks the scan's arguments from the cell's mode:
 
-    * training (``deterministic=False``): ``variable_carry='batch_stats'``, a fresh dropout rng
-      at every step; apply the model with ``mutable=['batch_stats']``.
-    * evaluation (``deterministic=True``): ``variable_broadcast=('params', 'batch_stats')``, the
-      statistics read-only.
+    * training (``deterministic=False``): the statistics are carried through the scan and
+      updated at every step, a fresh dropout rng at every step; apply the model with
+      ``mutable=['batch_stats']``.
+    * evaluation (``deterministic=True``): the statistics are read-only.
 
     It accepts the same call arguments as ``nn.RNN``, so it also fits ``nn.Bidirectional``.
 
-    Memory: differentiating a scan stores every step's carry, and a LARNN carry holds the whole
-    ``(B, k-1, H)`` window: ``T·k`` entries per sample. With ``checkpoint_every=N`` the training
-    scan runs in chunks of ``N`` steps, keeps only each chunk's first carry and recomputes the
-    chunk during the backward pass: ``T/N + N`` windows instead of ``T`` (``N ≈ sqrt(T)`` is
-    best), for about one more forward pass of time. Without dropout the results are the plain
-    scan's (to float rounding); with dropout the masks come from the same rng stream split per
-    chunk, so they are different draws of the same distribution.
+    How the sequence is scanned (``scan``; every strategy has the same variables and gives the
+    same results to float rounding, except that dropout masks are other draws):
+
+    * ``'fused'`` (default): for a :class:`~larnn_jax.LARNNCell`,
+      :class:`~larnn_jax.ops.fused_rnn.FusedRNN`: the input projections of all steps in one
+      product, the window in buffers written once per step, and a gradient that keeps ``O(T·H)``
+      per sample instead of every step's ``(B, k-1, H)`` window. Other cells run as ``'plain'``.
+    * ``'plain'``: ``nn.RNN`` over the cell. Differentiating it stores every step's carry: for
+      a LARNN cell, ``T·k`` window entries per sample.
+    * ``'remat'``: training scans in chunks of ``remat_chunk_length`` steps, keeping only each
+      chunk's first carry and recomputing the chunk in the backward pass
+      (:func:`~larnn_jax.ops.remat_rnn.remat_rnn`): ``T/N + N`` carries for about one more
+      forward pass of time. Evaluation runs as ``'plain'``.
 
     Attributes:
       cell: the cell to scan: :class:`~larnn_jax.LARNNCell`, :class:`~larnn_jax.BNLSTMCell` or
         any Flax ``RNNCellBase`` (cells without a ``deterministic`` attribute are used as is).
-      checkpoint_every: ``N``, chunk length of the rematerialised training scan (``None``: no
-        rematerialisation). ``T`` must be a multiple of it; not with ``seq_lengths``. Applies
-        in training mode only (see ``__call__``'s ``deterministic``).
+      scan: ``'fused'``, ``'plain'`` or ``'remat'`` (see above).
+      remat_chunk_length: ``N`` for ``scan='remat'``; ``T`` must be a multiple of it.
       reverse, keep_order, return_carry: defaults for the call arguments of the same names.
     """
 
     cell: nn.RNNCellBase
-    checkpoint_every: int | None = None
+    scan: Scan = "fused"
+    remat_chunk_length: int | None = None
     reverse: bool = False
     keep_order: bool = False
     return_carry: bool = False
+
+    def __post_init__(self) -> None:
+        check_scan(self.scan, self.remat_chunk_length)
+        super().__post_init__()
 
     @nn.compact
     def __call__(
@@ -114,6 +123,23 @@ class LARNNLayer(nn.Module):
                     "apply the model with mutable=['batch_stats'] (or pass deterministic=True "
                     "for evaluation)"
                 )
+        call = dict(
+            initial_carry=initial_carry,
+            init_key=init_key,
+            seq_lengths=seq_lengths,
+            return_carry=self.return_carry if return_carry is None else return_carry,
+            time_major=bool(time_major),
+            reverse=self.reverse if reverse is None else reverse,
+            keep_order=self.keep_order if keep_order is None else keep_order,
+        )
+        if self.is_initializing():  # the plain scan creates every variable
+            strategy = "plain"
+        elif self.scan == "fused" and isinstance(cell, LARNNCell):
+            return FusedRNN(cell, name="rnn")(inputs, **call)
+        elif self.scan == "remat" and training:
+            strategy = "remat"
+        else:
+            strategy = "plain"
         if training:
             scan_options: dict[str, Any] = dict(
                 variable_broadcast="params",
@@ -124,42 +150,28 @@ class LARNNLayer(nn.Module):
             scan_options = dict(
                 variable_broadcast=("params", "batch_stats"), split_rngs={"params": False}
             )
-        if training and self.checkpoint_every is not None and not self.is_initializing():
-            return _chunked_scan(
-                self,
-                cell,
-                inputs,
-                scan_options,
-                initial_carry,
-                init_key,
-                seq_lengths,
-                return_carry,
-                time_major,
-                reverse,
-                keep_order,
+        if strategy == "remat":
+            return remat_rnn(
+                cell, self.remat_chunk_length, scan_options, inputs, name="rnn", **call
             )
-        rnn = nn.RNN(
-            cell,
-            return_carry=self.return_carry,
-            reverse=self.reverse,
-            keep_order=self.keep_order,
-            name="rnn",
-            **scan_options,
-        )
-        return rnn(
-            inputs,
-            initial_carry=initial_carry,
-            init_key=init_key,
-            seq_lengths=seq_lengths,
-            return_carry=return_carry,
-            time_major=time_major,
-            reverse=reverse,
-            keep_order=keep_order,
+        return nn.RNN(cell, name="rnn", **scan_options)(inputs, **call)
+
+
+def check_scan(scan: str, remat_chunk_length: int | None) -> None:
+    """Raises ``ValueError`` naming the problem unless ``scan`` is one of :data:`SCANS` and
+    ``remat_chunk_length`` is a positive integer exactly when ``scan == 'remat'``."""
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    if scan == "remat" and (remat_chunk_length is None or remat_chunk_length < 1):
+        raise ValueError(f"scan='remat' needs remat_chunk_length >= 1, got {remat_chunk_length}")
+    if scan != "remat" and remat_chunk_length is not None:
+        raise ValueError(
+            f"remat_chunk_length={remat_chunk_length} is only used with scan='remat', not {scan!r}"
         )
 
 
 class LARNN(nn.Module):
-    """A stack of recurrent layers, each with its own parameters and carry (SPEC §3).
+    """A stack of recurrent layers, each with its own parameters and carry (``docs/model.md``, §3).
 
     Layer ``l`` reads the output sequence of layer ``l - 1``. With ``residual_stacking``,
     ``s_l = s_{l-1} + layer_l(s_{l-1})`` wherever the widths agree (the first layer's sum is
@@ -176,18 +188,19 @@ class LARNN(nn.Module):
       cell: the cell every layer uses (each layer gets its own copy and parameters).
       num_layers: ``L >= 1``.
       residual_stacking: sum each layer's input into its output.
-      checkpoint_every: rematerialise every layer's training scan in chunks of this many steps
-        (see :class:`LARNNLayer`); ``None``: off.
+      scan, remat_chunk_length: how every layer scans its sequence (see :class:`LARNNLayer`).
     """
 
     cell: nn.RNNCellBase
     num_layers: int = 1
     residual_stacking: bool = True
-    checkpoint_every: int | None = None
+    scan: Scan = "fused"
+    remat_chunk_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        check_scan(self.scan, self.remat_chunk_length)
         super().__post_init__()
 
     @nn.compact
@@ -221,7 +234,10 @@ class LARNN(nn.Module):
         carries = []
         for index in range(self.num_layers):
             layer = LARNNLayer(
-                self.cell, checkpoint_every=self.checkpoint_every, name=f"layer_{index}"
+                self.cell,
+                scan=self.scan,
+                remat_chunk_length=self.remat_chunk_length,
+                name=f"layer_{index}",
             )
             carry, outputs = layer(
                 sequence,
@@ -237,47 +253,6 @@ class LARNN(nn.Module):
         if return_carries:
             return tuple(carries), sequence
         return sequence
-
-
-def _chunked_scan(
-    layer: LARNNLayer,
-    cell: nn.RNNCellBase,
-    inputs: jax.Array,
-    scan_options: dict[str, Any],
-    initial_carry: Carry | None,
-    init_key: PRNGKey | None,
-    seq_lengths: jax.Array | None,
-    return_carry: bool | None,
-    time_major: bool | None,
-    reverse: bool | None,
-    keep_order: bool | None,
-) -> jax.Array | tuple[Carry, jax.Array]:
-    """The training scan of ``layer`` in rematerialised chunks (see ``checkpoint_every``)."""
-    every = layer.checkpoint_every
-    steps = inputs.shape[0 if time_major else 1]
-    if seq_lengths is not None or (reverse if reverse is not None else layer.reverse):
-        raise ValueError("checkpoint_every does not support seq_lengths or reverse")
-    if every < 1 or steps % every:
-        raise ValueError(
-            f"checkpoint_every={every} must be >= 1 and divide the sequence length {steps}"
-        )
-    batch_major = jnp.swapaxes(inputs, 0, 1) if time_major else inputs
-    if initial_carry is None:
-        shape = batch_major.shape[:1] + batch_major.shape[2:]
-        initial_carry = cell.initialize_carry(init_key or jax.random.key(0), shape)
-    chunks = batch_major.reshape(
-        batch_major.shape[0], steps // every, every, *batch_major.shape[2:]
-    )
-    scan_chunks = nn.scan(
-        nn.remat(_ChunkRNN), in_axes=1, out_axes=1, length=steps // every, **scan_options
-    )
-    carry, outputs = scan_chunks(cell, name="rnn", **scan_options)(initial_carry, chunks)
-    outputs = outputs.reshape(outputs.shape[0], steps, *outputs.shape[3:])
-    if time_major:
-        outputs = jnp.swapaxes(outputs, 0, 1)
-    del keep_order  # only meaningful with reverse
-    want_carry = return_carry if return_carry is not None else layer.return_carry
-    return (carry, outputs) if want_carry else outputs
 
 
 def last_valid_step(sequence: jax.Array, seq_lengths: jax.Array | None) -> jax.Array:

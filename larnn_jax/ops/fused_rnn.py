@@ -1,0 +1,173 @@
+"""``nn.RNN`` for a :class:`~larnn_jax.LARNNCell`, run by :func:`~larnn_jax.ops.window_scan`.
+
+Same call arguments, same variables (``cell/...`` under this module, as under ``nn.RNN``) and
+the same results to float rounding as ``nn.RNN`` over the cell, but:
+
+* the input terms of every step (``W_q^x x_t + b_q`` and ``W_x x_t + b``) are one matrix
+  product over the whole sequence before the scan;
+* the window lives in buffers written once per step, and the gradient keeps ``O(T·H)`` per
+  sample instead of every step's window (see :mod:`larnn_jax.ops.window_scan`);
+* dropout keys are ``split(make_rng('dropout'), T)``, one per step: the masks are other draws
+  of the same distribution than ``nn.RNN``'s.
+
+The running statistics are carried through the scan and written back after it, as with
+``nn.RNN(variable_carry='batch_stats')``; their own gradient is not computed (it is never
+needed: in training the outputs do not depend on them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen.recurrent import flip_sequences
+from flax.typing import PRNGKey
+
+from larnn_jax.cell import LARNNCarry, LARNNCell
+from larnn_jax.ops.window_scan import StepFunction, window_scan
+from larnn_jax.window import WindowState
+
+PyTree = Any
+
+
+class FusedRNN(nn.Module):
+    """Runs a :class:`~larnn_jax.LARNNCell` over a sequence with :func:`window_scan`.
+
+    Attributes:
+      cell: the cell, in the mode (``deterministic``) to run.
+    """
+
+    cell: LARNNCell
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        initial_carry: LARNNCarry | None = None,
+        init_key: PRNGKey | None = None,
+        seq_lengths: jax.Array | None = None,
+        return_carry: bool = False,
+        time_major: bool = False,
+        reverse: bool = False,
+        keep_order: bool = False,
+    ) -> jax.Array | tuple[LARNNCarry, jax.Array]:
+        """As ``nn.RNN.__call__``: ``inputs`` ``(B, T, D)`` (or ``(T, B, D)``) → outputs
+        ``(B, T, H)`` (or ``(T, B, H)``), preceded by the final carry when ``return_carry``."""
+        cell = self.cell
+        x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)  # (T, B, D)
+        if reverse:
+            x = flip_sequences(x, seq_lengths, num_batch_dims=1, time_major=True)
+        steps = x.shape[0]
+        if initial_carry is None:
+            initial_carry = cell.initialize_carry(
+                init_key if init_key is not None else jax.random.key(0), x.shape[1:]
+            )
+        terms = cell.input_terms(x)  # (T, B, ·): one product for the whole sequence
+        variables = cell.variables
+        stats = variables.get("batch_stats", {})
+        training = not cell.deterministic
+        uses_dropout = training and (
+            max(cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate) > 0
+        )
+        if uses_dropout:  # two keys per step: the entering entry's, and the rest's
+            base = self.make_rng("dropout")
+            keys = jax.random.key_data(jax.random.split(base, (steps + 1, 2)))
+            impl = jax.random.key_impl(base)
+
+            def wrap_key(data: jax.Array) -> tuple[jax.Array, jax.Array]:
+                enter_key, advance_key = jax.random.wrap_key_data(data, impl=impl)
+                return enter_key, advance_key
+
+        else:
+            keys = jnp.zeros((steps + 1,), jnp.uint32)
+
+            def wrap_key(data: jax.Array) -> tuple[None, None]:
+                return None, None
+
+        enter, advance = _pure_step(cell.clone(parent=None), bool(stats) and training)
+        result = window_scan(
+            StepFunction(enter, advance, wrap_key),
+            variables["params"],
+            stats,
+            initial_carry.h,
+            initial_carry.c,
+            initial_carry.window,
+            terms,
+            keys,
+        )
+        if stats and training:
+            _put_collection(cell, "batch_stats", result.stats)
+
+        outputs = result.outputs
+        if reverse and keep_order:
+            outputs = flip_sequences(outputs, seq_lengths, num_batch_dims=1, time_major=True)
+        if not time_major:
+            outputs = jnp.swapaxes(outputs, 0, 1)
+        if not return_carry:
+            return outputs
+        return _final_carry(result, initial_carry, seq_lengths), outputs
+
+
+def _pure_step(cell: LARNNCell, updates_statistics: bool):
+    """``StepFunction.enter`` and ``StepFunction.advance`` for an unbound ``cell``."""
+
+    def variables(params, stats):
+        return {"params": params, "batch_stats": stats} if stats else {"params": params}
+
+    def rngs(key):
+        return {"dropout": key} if key is not None else None
+
+    def enter(params, c, key):
+        return cell.apply(variables(params, {}), c, method="enter", rngs=rngs(key))
+
+    def advance(params, stats, h, c, window, sums, terms, key):
+        args = (variables(params, stats), h, c, window, sums, terms)
+        if not updates_statistics:
+            return cell.apply(*args, method="step_over_window", rngs=rngs(key)), stats
+        outputs, updates = cell.apply(
+            *args, method="step_over_window", rngs=rngs(key), mutable=["batch_stats"]
+        )
+        return outputs, updates["batch_stats"]
+
+    return enter, advance
+
+
+def _final_carry(result, initial: LARNNCarry, seq_lengths: jax.Array | None) -> LARNNCarry:
+    """The carry after each sequence's last step (``seq_lengths - 1``, or the last step)."""
+    steps = result.outputs.shape[0]
+    batch = initial.h.shape[0]
+    last = (
+        jnp.full((batch,), steps - 1, jnp.int32)
+        if seq_lengths is None
+        else jnp.asarray(seq_lengths, jnp.int32) - 1
+    )
+    rows = jnp.arange(batch)
+    kept = initial.window.key_entries.shape[-2]
+
+    def newest_entries(buffer: jax.Array) -> jax.Array:
+        """Each sample's ``k - 1`` newest entries after its last step, ``(B, k-1, H)``."""
+        return jax.vmap(lambda entries, t: jax.lax.dynamic_slice_in_dim(entries, steps - t, kept))(
+            buffer, last
+        )
+
+    window = WindowState(
+        newest_entries(result.key_buffer),
+        newest_entries(result.value_buffer),
+        jnp.minimum(initial.window.count + last + 1, kept),
+        result.moment_sums[last, rows],
+    )
+    return LARNNCarry(
+        result.outputs[last, rows].astype(initial.h.dtype), result.cells[last, rows], window
+    )
+
+
+def _put_collection(module: nn.Module, collection: str, tree: PyTree) -> None:
+    """Writes ``tree`` (nested by submodule names) into ``module``'s ``collection``."""
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            _put_collection(getattr(module, name), collection, value)
+        else:
+            module.put_variable(collection, name, value)
