@@ -429,11 +429,9 @@ class LARNNCell(nn.RNNCellBase):
 
         ``x`` may hold a whole sequence: one matrix product for all steps.
         """
-        if self.mode == "residual":
-            gates = self.input_gates(x)
-        else:
-            gates = self.gates(x, None)
-        return InputTerms(self.query(x, None), gates)
+        query = self.query(x, None)  # first: it names a wrong number of input features
+        gates = self.input_gates(x) if self.mode == "residual" else self.gates(x, None)
+        return InputTerms(query, gates)
 
     def step(self, carry: LARNNCarry, terms: InputTerms) -> tuple[LARNNCarry, jax.Array]:
         """One time step from its :class:`InputTerms`; the equations of ``docs/model.md``, section 1.

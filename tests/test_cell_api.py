@@ -39,8 +39,8 @@ def test_nn_rnn_train_and_eval_with_the_documented_scan_arguments():
 
     eval_rnn = nn.RNN(larnn_cell(deterministic=True), **EVAL_SCAN)
     y_eval = eval_rnn.apply({**variables, **updates}, x)
-    # The ready layer gives exactly what the hand-made scan gives, in both modes.
-    layer = LARNNLayer(larnn_cell())
+    # The ready layer's plain scan gives exactly what the hand-made scan gives, in both modes.
+    layer = LARNNLayer(larnn_cell(), scan="plain")
     nest = lambda tree: jax.tree.map(lambda v: v, {k: {"rnn": v} for k, v in tree.items()})  # noqa: E731
     np.testing.assert_array_equal(layer.apply(nest({**variables, **updates}), x), y_eval)
     y_layer, _ = layer.apply(
@@ -128,7 +128,7 @@ def test_seq_lengths_give_each_sequence_its_own_final_carry():
         np.testing.assert_allclose(y[b, :length], alone_y[0], rtol=1e-5, atol=1e-6)
         for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(alone_carry), strict=True):
             np.testing.assert_allclose(got[b], want[0], rtol=1e-5, atol=1e-6)
-    assert carry.length.tolist() == [K - 1, K - 1, 1]  # entries older than c_{t-1}
+    assert carry.window.count.tolist() == [K - 1, K - 1, 1]  # entries older than c_{t-1}
 
 
 def test_jit_grad_and_vmap():
@@ -166,7 +166,7 @@ def test_bfloat16_compute_follows_float32():
     variables = layer32.init(jax.random.key(0), x)
     y32 = layer32.apply(variables, x)
     carry16, y16 = layer16.apply(variables, x, return_carry=True)
-    assert y16.dtype == jnp.bfloat16 and carry16.keys.dtype == jnp.bfloat16
+    assert y16.dtype == jnp.bfloat16 and carry16.window.key_entries.dtype == jnp.bfloat16
     assert jax.tree.map(lambda a: a.dtype, variables["params"]) == jax.tree.map(
         lambda a: jnp.dtype("float32"), variables["params"]
     )
@@ -179,11 +179,13 @@ def test_carry_layout_and_initialize_carry_outside_init():
     carry = cell.initialize_carry(jax.random.key(0), (B, D))  # unbound, like Flax's own cells
     assert isinstance(carry, LARNNCarry)
     assert carry.h.shape == carry.c.shape == (B, H)
-    assert carry.keys.shape == carry.values.shape == (B, K - 1, H)
-    assert carry.length.shape == (B,) and carry.length.dtype == jnp.int32
-    assert carry.moment_sums.shape == (B, 4, H)  # the window's statistics slide (no PE)
+    window = carry.window
+    assert window.key_entries.shape == window.value_entries.shape == (B, K - 1, H)
+    assert window.count.shape == (B,) and window.count.dtype == jnp.int32
+    assert window.moment_sums.shape == (B, 4, H)  # the window's statistics slide (no PE)
     with_pe = larnn_cell(use_positional_encoding=True)
-    assert with_pe.initialize_carry(jax.random.key(0), (B, D)).moment_sums.shape == (B, 0, H)
+    with_pe_carry = with_pe.initialize_carry(jax.random.key(0), (B, D))
+    assert with_pe_carry.window.moment_sums.shape == (B, 0, H)
     c, h = BNLSTMCell(H).initialize_carry(jax.random.key(0), (B, D))
     assert c.shape == h.shape == (B, H)
 
@@ -256,7 +258,8 @@ def test_checkpointed_training_scan_gives_the_same_result_and_gradients():
     with jax.enable_x64(True):  # exact comparison: float32 rounding is amplified by batch norm
         x = make_inputs().astype(jnp.float64)[:, :8]
         cell = larnn_cell(param_dtype=jnp.float64)
-        plain, chunked = LARNNLayer(cell), LARNNLayer(cell, checkpoint_every=4)
+        plain = LARNNLayer(cell, scan="plain")
+        chunked = LARNNLayer(cell, scan="remat", remat_chunk_length=4)
         variables = plain.init(jax.random.key(1), x)
 
         def loss(layer, params):
@@ -285,9 +288,9 @@ def test_checkpointed_training_scan_gives_the_same_result_and_gradients():
         ):
             np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-10)
         with pytest.raises(
-            ValueError, match="checkpoint_every=5 must be >= 1 and divide the sequence length 8"
+            ValueError, match="remat_chunk_length=5 must divide the sequence length 8"
         ):
-            LARNNLayer(cell, checkpoint_every=5).apply(
+            LARNNLayer(cell, scan="remat", remat_chunk_length=5).apply(
                 variables, x, deterministic=False, mutable=["batch_stats"]
             )
 
@@ -296,7 +299,8 @@ def test_checkpointed_scan_applies_to_cells_without_a_deterministic_switch():
     """``nn.LSTMCell`` has no ``deterministic``: the call's argument selects training mode."""
     x = make_inputs()[:, :8]
     cell = nn.LSTMCell(6)
-    plain, chunked = LARNNLayer(cell), LARNNLayer(cell, checkpoint_every=4)
+    plain = LARNNLayer(cell)
+    chunked = LARNNLayer(cell, scan="remat", remat_chunk_length=4)
     variables = plain.init(jax.random.key(1), x)
 
     def loss(layer, params):
@@ -309,10 +313,11 @@ def test_checkpointed_scan_applies_to_cells_without_a_deterministic_switch():
     np.testing.assert_allclose(value_chunked, value, rtol=1e-6)
     for want, got in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_chunked), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="checkpoint_every=5 must be >= 1 and divide"):
-        LARNNLayer(cell, checkpoint_every=5).apply(variables, x, deterministic=False)
+    rematerialised = LARNNLayer(cell, scan="remat", remat_chunk_length=5)
+    with pytest.raises(ValueError, match="remat_chunk_length=5 must divide"):
+        rematerialised.apply(variables, x, deterministic=False)
     # Evaluation mode scans plainly, whatever the chunk length.
-    evaluated = LARNNLayer(cell, checkpoint_every=5).apply(variables, x, deterministic=True)
+    evaluated = rematerialised.apply(variables, x, deterministic=True)
     np.testing.assert_array_equal(evaluated, plain.apply(variables, x))
 
 
@@ -332,10 +337,11 @@ def test_window_moment_sums_match_the_window_after_a_long_sequence():
     )
     params = variables["params"]["rnn"]["cell"]
     shift = np.stack([jax.nn.elu(params[name]["bias"]) for name in ("key", "value")])
-    entries = np.stack([carry.keys, carry.values], axis=-2).astype(np.float64)  # (B, k-1, 2, H)
-    deviation = entries - shift
-    assert carry.length.tolist() == [K - 1] * batch
+    window = carry.window
+    entries = np.stack([window.key_entries, window.value_entries], axis=-2).astype(np.float64)
+    deviation = entries - shift  # (B, k-1, 2, H)
+    assert window.count.tolist() == [K - 1] * batch
     expected = np.concatenate([deviation.sum(1), np.square(deviation).sum(1)], axis=-2)
     np.testing.assert_allclose(
-        carry.moment_sums, expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        window.moment_sums, expected, rtol=0, atol=1e-5 * np.abs(expected).max()
     )

@@ -1,8 +1,9 @@
-"""``LARNNCell`` against the naive float64 reference of SPEC §1 (``tests/reference.py``).
+"""``LARNNCell`` against the naive float64 reference of ``docs/model.md`` (``tests/reference.py``).
 
-Every case runs the cell under ``flax.linen.RNN`` over ``T = 2k + 5`` steps (the window fills up and
-then slides) and the reference on the same parameters, then compares the output ``h_t`` of every
-step, the final carry's ``h`` and ``c`` and, in training, the updated running statistics.
+Every case runs the cell over ``T = 2k + 5`` steps (the window fills up and then slides), both
+under ``flax.linen.RNN`` and through ``LARNNLayer``'s default fused scan, and the reference on the
+same parameters, then compares the output ``h_t`` of every step, the final carry's ``h`` and ``c``
+and, in training, the updated running statistics.
 
 The initialised parameters are trivial (scales 1, biases and statistics 0/1), so every leaf is
 replaced by seeded random values first: a term left at its initial value could be missing or wrong
@@ -25,7 +26,7 @@ from cell_cases import CellCase, randomised
 from reference import larnn_reference
 from reference import positional_encoding as reference_positional_encoding
 
-from larnn_jax import positional_encoding
+from larnn_jax import LARNNLayer, positional_encoding
 
 # max|diff| / max|ref| per compared array (outputs, carry, each running statistic): the project's
 # acceptance bound for the float64 comparison.
@@ -72,9 +73,28 @@ def make_variables(cfg: Config, dtype=np.float64, seed: int = 0) -> dict:
     return randomised(_variable_shapes(cfg, np.dtype(dtype).name), seed)
 
 
+#: How the cell is scanned: Flax's ``nn.RNN``, and the library's fused window scan.
+RUNNERS = ("nn.RNN", "fused")
+
+
 @functools.cache
-def _compiled(cfg: Config, train: bool, dtype: str):
+def _compiled(cfg: Config, train: bool, dtype: str, runner: str = "nn.RNN"):
     """A jitted ``(variables, x) -> (ys (B,T,H), h (B,H), c (B,H), batch_stats after)``."""
+    if runner == "fused":
+        layer = LARNNLayer(cfg.cell(np.dtype(dtype)), scan="fused")
+
+        def run_fused(variables, x):
+            (carry, ys), updates = layer.apply(
+                {name: {"rnn": value} for name, value in variables.items()},
+                x,
+                deterministic=not train,
+                return_carry=True,
+                mutable=["batch_stats"],
+            )
+            stats = dict(updates).get("batch_stats", {}).get("rnn", {})
+            return ys, carry.h, carry.c, stats if train else variables.get("batch_stats", {})
+
+        return jax.jit(run_fused)
     if train:
         rnn = cfg.train_rnn(np.dtype(dtype))
 
@@ -98,8 +118,9 @@ def _compiled(cfg: Config, train: bool, dtype: str):
     return jax.jit(run)
 
 
-def run_cell(cfg: Config, variables: dict, x: np.ndarray, train: bool):
-    """``LARNNCell`` under ``nn.RNN`` on ``x`` ``(B, T, D)``, in ``x``'s dtype.
+def run_cell(cfg: Config, variables: dict, x: np.ndarray, train: bool, runner: str = "nn.RNN"):
+    """``LARNNCell`` scanned by ``runner`` (:data:`RUNNERS`) on ``x`` ``(B, T, D)``, in ``x``'s
+    dtype.
 
     Returns:
       NumPy ``(ys (B,T,H), h (B,H), c (B,H), batch_stats)``, ``batch_stats`` the running
@@ -107,7 +128,7 @@ def run_cell(cfg: Config, variables: dict, x: np.ndarray, train: bool):
     """
     dtype = np.dtype(x.dtype).name
     with _x64(dtype):
-        out = _compiled(cfg, train, dtype)(variables, x)
+        out = _compiled(cfg, train, dtype, runner)(variables, x)
         return jax.tree_util.tree_map(np.asarray, out)
 
 
@@ -142,7 +163,9 @@ def relative_error(actual, expected) -> float:
     )
 
 
-def compare_with_reference(cfg: Config, train: bool, dtype=np.float64, rtol=RTOL_FLOAT64) -> dict:
+def compare_with_reference(
+    cfg: Config, train: bool, dtype=np.float64, rtol=RTOL_FLOAT64, runner: str = "nn.RNN"
+) -> dict:
     """Runs the cell and the reference and asserts ``relative_error <= rtol`` on every result.
 
     Returns:
@@ -150,7 +173,7 @@ def compare_with_reference(cfg: Config, train: bool, dtype=np.float64, rtol=RTOL
     """
     variables = make_variables(cfg, dtype)
     x = make_inputs(cfg, dtype)
-    ys, h, c, stats = run_cell(cfg, variables, x, train)
+    ys, h, c, stats = run_cell(cfg, variables, x, train, runner)
     ref_ys, ref_h, ref_c, ref_stats = run_reference(cfg, variables, x, train)
 
     assert ys.shape == (cfg.batch, cfg.steps, cfg.features)
@@ -174,7 +197,7 @@ def compare_with_reference(cfg: Config, train: bool, dtype=np.float64, rtol=RTOL
             assert not np.array_equal(ref_leaf, init_leaf)  # the running average moved
             errors[f"stats{jax.tree_util.keystr(path)}"] = relative_error(leaf, ref_leaf)
     bad = {k: v for k, v in errors.items() if not v <= rtol}
-    assert not bad, f"{cfg} train={train}: relative errors above {rtol:.0e}: {bad}"
+    assert not bad, f"{cfg} {runner} train={train}: relative errors above {rtol:.0e}: {bad}"
     return errors
 
 
@@ -187,10 +210,12 @@ def compare_with_reference(cfg: Config, train: bool, dtype=np.float64, rtol=RTOL
 @pytest.mark.parametrize("pe", [True, False], ids=["pe", "nope"])
 @pytest.mark.parametrize("mode", ["residual", "layer"])
 @pytest.mark.parametrize("placement", ["output", "carried"])
-def test_batch_norm_configurations(placement, mode, pe, act, train):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_batch_norm_configurations(runner, placement, mode, pe, act, train):
     """Every ``BN_c`` placement × mode × positional encoding × activation on keys/values, batch
     norm, train and eval."""
-    compare_with_reference(Config(mode=mode, pe=pe, act=act, cell_norm_placement=placement), train)
+    config = Config(mode=mode, pe=pe, act=act, cell_norm_placement=placement)
+    compare_with_reference(config, train, runner=runner)
 
 
 SHAPES = {
@@ -218,9 +243,10 @@ SHAPES = {
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_shapes(name, train):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_shapes(runner, name, train):
     """Window size 1, ``num_heads == features``, one head, and a wider cell; ``D != H`` in all."""
-    compare_with_reference(SHAPES[name], train)
+    compare_with_reference(SHAPES[name], train, runner=runner)
 
 
 OTHER_NORMS = [
@@ -240,9 +266,10 @@ OTHER_NORMS = [
         for c, _ in OTHER_NORMS
     ],
 )
-def test_layer_norm_and_no_norm(cfg, train):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_layer_norm_and_no_norm(runner, cfg, train):
     """``norm='layer'`` (per entry, over features) and ``norm='none'`` (identity)."""
-    compare_with_reference(cfg, train)
+    compare_with_reference(cfg, train, runner=runner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +277,8 @@ def test_layer_norm_and_no_norm(cfg, train):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_float32(train):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_float32(runner, train):
     """The float32 cell against the float64 reference on the same (float32) parameters.
 
     Tolerance: float32 rounds every operation to a relative 6e-8. In evaluation the step is a
@@ -261,7 +289,9 @@ def test_float32(train):
     reference itself by a relative 6e-8 moves its outputs by up to ~2e-4 in such configurations
     (against ~1e-13 for a perturbation of 1e-16), so 1e-3 is a bound that does not depend on luck.
     """
-    compare_with_reference(Config(), train, dtype=np.float32, rtol=1e-3 if train else 1e-4)
+    compare_with_reference(
+        Config(), train, dtype=np.float32, rtol=1e-3 if train else 1e-4, runner=runner
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,11 +10,23 @@ import optax
 import pytest
 from flax import traverse_util
 
+from larnn_jax import BNLSTMCell, LARNNCell
 from larnn_jax.models import SequenceClassifier
 
 B, T, D, CLASSES = 8, 12, 4, 3
-SMALL = dict(features=6, num_heads=2, window_size=3, num_layers=2)
+H, LAYERS = 6, 2
 DROPOUTS = dict(dropout_rate=0.1, kv_dropout_rate=0.1, attention_dropout_rate=0.1)
+
+
+def classifier(block: str = "larnn", **options) -> SequenceClassifier:
+    """A small classifier with the cell ``block`` (``larnn``, ``bnlstm`` or ``lstm``)."""
+    if block == "lstm":
+        cell = nn.LSTMCell(H)
+    elif block == "bnlstm":
+        cell = BNLSTMCell(H, dropout_rate=options.get("dropout_rate", 0.0))
+    else:
+        cell = LARNNCell(H, num_heads=2, window_size=3, **options)
+    return SequenceClassifier(CLASSES, cell, num_layers=LAYERS)
 
 
 def batch(seed: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -42,18 +55,16 @@ def train_step_gradients(model: SequenceClassifier):
 @pytest.mark.parametrize(
     "config",
     [
-        dict(block="larnn", mode="residual"),
-        dict(block="larnn", mode="layer", use_positional_encoding=True),
-        dict(block="larnn", activation_on_keys_and_values=False, use_positional_encoding=True),
+        dict(mode="residual"),
+        dict(mode="layer", use_positional_encoding=True),
+        dict(activation_on_keys_and_values=False, use_positional_encoding=True),
         dict(block="bnlstm"),
         dict(block="lstm"),
     ],
     ids=["larnn-residual", "larnn-layer-pe", "larnn-no-kv-activation", "bnlstm", "lstm"],
 )
 def test_every_parameter_gets_a_gradient(config):
-    variables, grads, _ = train_step_gradients(
-        SequenceClassifier(CLASSES, **SMALL, **DROPOUTS, **config)
-    )
+    variables, grads, _ = train_step_gradients(classifier(**DROPOUTS, **config))
     flat = traverse_util.flatten_dict(grads, sep="/")
     assert set(flat) == set(traverse_util.flatten_dict(variables["params"], sep="/"))
     dead = [name for name, g in flat.items() if not np.any(np.asarray(g) != 0)]
@@ -62,19 +73,17 @@ def test_every_parameter_gets_a_gradient(config):
     zeros = sum(int(np.sum(np.asarray(g) == 0)) for g in flat.values())
     total = sum(g.size for g in flat.values())
     assert zeros / total < 0.02
-    if config["block"] == "larnn":
+    if config.get("block", "larnn") == "larnn":
         layers = {name.split("/")[1] for name in flat if name.startswith("recurrent/")}
         assert layers == {"layer_0", "layer_1"}  # the stacked cells are registered and trained
 
 
 def test_running_statistics_move_in_training_and_stay_in_evaluation():
-    model = SequenceClassifier(CLASSES, **SMALL, **DROPOUTS)
+    model = classifier(**DROPOUTS)
     variables, _, updates = train_step_gradients(model)
     before = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
     after = traverse_util.flatten_dict(updates["batch_stats"], sep="/")
-    assert (
-        set(before) == set(after) and len(before) == 2 * 6 * SMALL["num_layers"]
-    )  # mean, var of 6 norms
+    assert set(before) == set(after) and len(before) == 2 * 6 * LAYERS  # mean, var of 6 norms
     unchanged = [name for name in before if np.allclose(before[name], after[name])]
     assert unchanged == []
 
@@ -85,7 +94,7 @@ def test_running_statistics_move_in_training_and_stay_in_evaluation():
 
 
 def test_evaluation_ignores_the_rest_of_the_batch_and_training_does_not():
-    model = SequenceClassifier(CLASSES, **SMALL)
+    model = classifier()
     x, _ = batch()
     variables = model.init(jax.random.key(1), x, deterministic=True)
     _, trained = train_step_gradients(model)[::2]
@@ -102,7 +111,7 @@ def test_evaluation_ignores_the_rest_of_the_batch_and_training_does_not():
 
 
 def test_seq_lengths_select_each_sequence_last_step():
-    model = SequenceClassifier(CLASSES, **SMALL)
+    model = classifier()
     x, _ = batch()
     variables = model.init(jax.random.key(1), x, deterministic=True)
     lengths = jnp.array([T, 5, 1, T, 7, 2, T, 3])
@@ -113,8 +122,10 @@ def test_seq_lengths_select_each_sequence_last_step():
 
 
 def test_classifier_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"block must be one of .* got 'gru'"):
-        SequenceClassifier(CLASSES, block="gru")
-    model = SequenceClassifier(CLASSES, **SMALL)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 1, got 0"):
+        SequenceClassifier(0, LARNNCell(H, num_heads=2, window_size=3))
+    with pytest.raises(ValueError, match=r"scan must be one of .* got 'sideways'"):
+        SequenceClassifier(CLASSES, LARNNCell(H, num_heads=2, window_size=3), scan="sideways")
+    model = classifier()
     with pytest.raises(ValueError, match=r"expected inputs \(batch, time, features\)"):
         model.init(jax.random.key(0), jnp.ones((B, D)), deterministic=True)
