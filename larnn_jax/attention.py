@@ -42,15 +42,27 @@ def positional_encoding_size(window_size: int) -> int:
     return 2 * (4 * window_size - 1).bit_length()
 
 
-def head_indicator(features: int, num_heads: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """``(H, n)`` 0/1 matrix whose column ``h`` marks the features of head ``h``.
+def head_minor_order(features: int, num_heads: int) -> np.ndarray:
+    """The window's feature order: position ``d·n + h`` holds feature ``h·d_k + d``.
 
-    ``x @ M`` sums each head's features and ``w @ M.T`` spreads per-head weights over their
-    features. On XLA:CPU these products are much faster than reshaping to ``(..., n, d_k)`` when
-    ``d_k`` is tiny (SPEC §2b).
+    Head ``h`` owns the contiguous features ``h·d_k … (h+1)·d_k - 1`` (``d_k = H / n``); in
+    head-minor order its ``d``-th feature sits at ``d·n + h``, so a head's sum over its features is
+    the sum of ``d_k`` contiguous blocks of ``n`` values. ``x[..., order]`` puts the last axis in
+    this order, ``x[..., np.argsort(order)]`` back.
     """
-    head_of_feature = np.arange(features) // (features // num_heads)
-    return jnp.asarray(head_of_feature[:, None] == np.arange(num_heads)[None, :], dtype=dtype)
+    head_size = features // num_heads
+    return np.arange(features).reshape(num_heads, head_size).T.reshape(-1)
+
+
+def head_sums(x: jax.Array, num_heads: int) -> jax.Array:
+    """``(..., H)`` in head-minor order → ``(..., n)``: each head's sum over its features."""
+    return jnp.sum(x.reshape(*x.shape[:-1], -1, num_heads), axis=-2)
+
+
+def spread_over_heads(w: jax.Array, features: int) -> jax.Array:
+    """``(..., n)`` per-head values → ``(..., H)`` in head-minor order: each head's value on each
+    of its features."""
+    return jnp.tile(w, features // w.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -64,6 +76,8 @@ def window_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention of one query per sample over its window, per head.
 
+    Every feature axis is in head-minor order (:func:`head_minor_order`).
+
     Args:
       query: ``(B, H)``.
       keys: ``(B, k, H)``.
@@ -71,7 +85,7 @@ def window_attention(
       mask: ``(B, k)`` boolean, true for valid window entries (at least one per sample).
       weights_scale: multiplies the attention weights after the softmax, broadcast to
         ``(B, k, n)``: ``1`` or an inverted-dropout mask ``keep / (1 - rate)``.
-      num_heads: ``n``; head ``h`` owns features ``h·d_k … (h+1)·d_k - 1``.
+      num_heads: ``n``.
 
     Returns:
       ``context``, ``(B, H)``: for each head, ``Σ_j α_j V_j`` over its features; and
@@ -88,19 +102,19 @@ def window_attention(
 
 def _attention_forward(query, keys, values, mask, weights_scale, num_heads):
     """The forward pass; returns the outputs and what the backward pass needs."""
-    heads = head_indicator(query.shape[-1], num_heads, keys.dtype)
-    scale = 1.0 / np.sqrt(query.shape[-1] // num_heads)
-    # The scale goes on the query, so that the scores are the product's output as it is: a
-    # multiplication after it would let XLA recompute them, fused with an FMA, in the softmax's
+    features = query.shape[-1]
+    scale = 1.0 / np.sqrt(features // num_heads)
+    # The scale goes on the query, so that the scores are the head sums as they are: a
+    # multiplication after them would let XLA recompute them, fused with an FMA, in the softmax's
     # `scores - max`; at scores of 1e9 that rounds to ±100 and exp overflows (NaN weights).
     scaled_query = query * jnp.asarray(scale, query.dtype)
-    scores = (scaled_query[..., None, :] * keys) @ heads
+    scores = head_sums(scaled_query[..., None, :] * keys, num_heads)  # (B, k, n)
     softmax_dtype = jnp.result_type(jnp.float32, scores.dtype)  # float32 or wider
     scores = jnp.where(mask[..., None], scores.astype(softmax_dtype), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-2).astype(values.dtype)  # (B, k, n)
     kept = weights * weights_scale
-    context = jnp.sum((kept @ heads.T) * values, axis=-2)
-    weight_total = jnp.sum(kept, axis=-2) @ heads.T
+    context = jnp.sum(spread_over_heads(kept, features) * values, axis=-2)
+    weight_total = spread_over_heads(jnp.sum(kept, axis=-2), features)
     return (context, weight_total), (query, keys, values, weights_scale, weights)
 
 
@@ -108,15 +122,16 @@ def _attention_backward_rule(num_heads, residuals, cotangents):
     """Cotangents of ``query``, ``keys``, ``values`` (and none for ``mask``, ``weights_scale``)."""
     query, keys, values, weights_scale, weights = residuals
     d_context, d_weight_total = cotangents
-    heads = head_indicator(query.shape[-1], num_heads, keys.dtype)
-    scale = 1.0 / np.sqrt(query.shape[-1] // num_heads)
+    features = query.shape[-1]
+    scale = 1.0 / np.sqrt(features // num_heads)
     kept = weights * weights_scale
-    d_values = (kept @ heads.T) * d_context[..., None, :]
-    d_kept = (values * d_context[..., None, :]) @ heads + (d_weight_total @ heads)[..., None, :]
+    d_values = spread_over_heads(kept, features) * d_context[..., None, :]
+    d_kept = head_sums(values * d_context[..., None, :], num_heads)
+    d_kept = d_kept + head_sums(d_weight_total, num_heads)[..., None, :]
     d_weights = d_kept * weights_scale
     # Softmax: ds_j = α_j (dα_j - Σ_i α_i dα_i); masked entries have α = 0.
     d_scores = weights * (d_weights - jnp.sum(weights * d_weights, axis=-2, keepdims=True))
-    d_products = (d_scores * jnp.asarray(scale, keys.dtype)) @ heads.T  # (B, k, H)
+    d_products = spread_over_heads(d_scores * jnp.asarray(scale, keys.dtype), features)
     d_query = jnp.sum(d_products * keys, axis=-2)
     d_keys = d_products * query[..., None, :]
     d_scale = jnp.zeros_like(weights_scale) if weights_scale.ndim else None

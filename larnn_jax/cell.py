@@ -19,12 +19,13 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, PRNGKey
 
 from larnn_jax import window as fifo
-from larnn_jax.attention import positional_encoding, window_attention
+from larnn_jax.attention import head_minor_order, positional_encoding, window_attention
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
 from larnn_jax.window import WindowScheme, WindowState, WindowView
 
@@ -489,10 +490,17 @@ class LARNNCell(nn.RNNCellBase):
 
         ``W c + b`` each, and ``elu`` of it where the scheme caches the activation.
         """
-        key, value = self.key(c), self.value(c)
+        order = self.window_feature_order
+        key, value = self.key(c)[..., order], self.value(c)[..., order]
         if self.scheme.caches_activation:
             return jax.nn.elu(key), jax.nn.elu(value)
         return key, value
+
+    @property
+    def window_feature_order(self) -> np.ndarray:
+        """The order of the window's features: head-minor (:func:`head_minor_order`), in which
+        a head's sum over its features is a sum of contiguous blocks."""
+        return head_minor_order(self.features, self.num_heads)
 
     def recurrent_gate_terms(self, h_prev: jax.Array, a: jax.Array) -> jax.Array:
         """``W_h h_{t-1} + W_a a_t`` ``(B, 4H)`` (``'layer'`` mode: the same with one matrix)."""
@@ -510,6 +518,9 @@ class LARNNCell(nn.RNNCellBase):
         """
         running = self.deterministic
         scheme = self.scheme
+        # The window's features are in head-minor order; the query joins them there.
+        order = self.window_feature_order
+        query = query[..., order]
         keys = self.window_features(window.key_entries, "key")  # E_K (B, k, H)
         values = self.window_features(window.value_entries, "value")  # E_V (B, k, H)
         key_moments = value_moments = None
@@ -523,16 +534,18 @@ class LARNNCell(nn.RNNCellBase):
         if scheme.folds_batch_norm:
             # K = E_K·s_K + t_K: <q, K_j> = <q·s_K, E_K,j> + a per-head constant the softmax
             # cancels. V = E_V·s_V + t_V: Σ α_j V_j = (Σ α_j E_V,j)·s_V + (Σ α_j)·t_V.
+            norm = dict(use_running_average=running, feature_order=order)
             key_scale, _ = self.key_norm.scale_and_shift(
-                keys, window.mask, use_running_average=running, moments=key_moments
+                keys, window.mask, moments=key_moments, **norm
             )
             value_scale, value_shift = self.value_norm.scale_and_shift(
-                values, window.mask, use_running_average=running, moments=value_moments
+                values, window.mask, moments=value_moments, **norm
             )
             query = query * key_scale.astype(query.dtype)
         else:
-            keys = self.key_norm(keys, window.mask, use_running_average=running)
-            values = self.value_norm(values, window.mask, use_running_average=running)
+            norm = dict(use_running_average=running, feature_order=order)
+            keys = self.key_norm(keys, window.mask, **norm)
+            values = self.value_norm(values, window.mask, **norm)
             value_scale, value_shift = 1.0, 0.0
 
         dropping = self.attention_dropout_rate > 0 and not self.deterministic
@@ -543,7 +556,7 @@ class LARNNCell(nn.RNNCellBase):
         context, weight_total = window_attention(
             query, keys, values, window.mask, weights_scale, self.num_heads
         )
-        attended = context * value_scale + weight_total * value_shift
+        attended = (context * value_scale + weight_total * value_shift)[..., np.argsort(order)]
         a = self.attention_norm(
             jax.nn.elu(self.attention_output(attended.astype(keys.dtype))),
             use_running_average=running,
@@ -562,7 +575,7 @@ class LARNNCell(nn.RNNCellBase):
         table = positional_encoding(
             self.window_size, jnp.result_type(entries.dtype, self.param_dtype)
         )
-        pre_activation = entries + position(jnp.asarray(table))
+        pre_activation = entries + position(jnp.asarray(table))[..., self.window_feature_order]
         return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
 
     def zero_state_entries(self, dtype: Dtype) -> jax.Array:

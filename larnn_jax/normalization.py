@@ -21,6 +21,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
 
@@ -99,6 +100,7 @@ class FeatureNorm(nn.Module):
         *,
         use_running_average: bool,
         moments: tuple[jax.Array, jax.Array] | None = None,
+        feature_order: np.ndarray | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Batch norm as an affine map: ``BN(x) == x * scale + shift``.
 
@@ -113,9 +115,11 @@ class FeatureNorm(nn.Module):
             (and leave them unchanged).
           moments: the batch mean and biased variance ``(F,)`` of ``x``'s valid entries, where
             the caller has them already (then ``x`` only gives the dtype and ``mask`` is unused).
+          feature_order: ``x``'s last axis holds feature ``feature_order[i]`` at position ``i``
+            (``None``: the natural order); parameters and statistics stay in the natural order.
 
         Returns:
-          ``scale`` and ``shift``, both ``(F,)`` in :func:`statistics_dtype`.
+          ``scale`` and ``shift``, both ``(F,)`` in ``x``'s order and :func:`statistics_dtype`.
         """
         if self.kind != "batch":
             raise ValueError(f"scale_and_shift is for norm='batch', this norm is {self.kind!r}")
@@ -124,8 +128,10 @@ class FeatureNorm(nn.Module):
             mean, var = self.mean.value.astype(dtype), self.var.value.astype(dtype)
         else:
             if moments is None:
-                moments = _masked_moments(x.astype(dtype), mask, axes=tuple(range(x.ndim - 1)))
-            mean, var = (moment.astype(dtype) for moment in moments)
+                moments = masked_moments(x.astype(dtype), mask)
+            mean, var = (
+                _in_natural_order(moment.astype(dtype), feature_order) for moment in moments
+            )
             if not self.is_initializing():
                 decay = self.momentum
                 self.mean.value = (decay * self.mean.value + (1 - decay) * mean).astype(
@@ -135,10 +141,16 @@ class FeatureNorm(nn.Module):
                     self.var.value.dtype
                 )
         scale = self.scale.astype(dtype) * jax.lax.rsqrt(var + self.epsilon)
-        return scale, self._shift(dtype) - mean * scale
+        shift = self._shift(dtype) - mean * scale
+        return _in_order(scale, feature_order), _in_order(shift, feature_order)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None = None, *, use_running_average: bool
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        use_running_average: bool,
+        feature_order: np.ndarray | None = None,
     ) -> jax.Array:
         """Normalises ``x`` of shape ``(..., F)``; see :meth:`scale_and_shift` for the arguments."""
         dtype = self.dtype or x.dtype
@@ -146,16 +158,34 @@ class FeatureNorm(nn.Module):
             return x.astype(dtype)
         stats_dtype = statistics_dtype(x.dtype, self.param_dtype)
         if self.kind == "batch":
-            scale, shift = self.scale_and_shift(x, mask, use_running_average=use_running_average)
+            scale, shift = self.scale_and_shift(
+                x, mask, use_running_average=use_running_average, feature_order=feature_order
+            )
             return (x.astype(stats_dtype) * scale + shift).astype(dtype)
         mean, var = _masked_moments(x.astype(stats_dtype), None, axes=(-1,))
         normalised = (x.astype(stats_dtype) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (normalised * self.scale.astype(stats_dtype) + self._shift(stats_dtype)).astype(
-            dtype
-        )
+        scale = _in_order(self.scale.astype(stats_dtype), feature_order)
+        shift = _in_order(self._shift(stats_dtype), feature_order)
+        return (normalised * scale + shift).astype(dtype)
 
     def _shift(self, dtype: jnp.dtype) -> jax.Array:
         return self.bias.astype(dtype) if self.use_bias else jnp.zeros((), dtype)
+
+
+def _in_order(x: jax.Array, feature_order: np.ndarray | None) -> jax.Array:
+    """``(F,)`` or scalar in the natural order → in ``feature_order``."""
+    return x if feature_order is None or x.ndim == 0 else x[feature_order]
+
+
+def _in_natural_order(x: jax.Array, feature_order: np.ndarray | None) -> jax.Array:
+    """``(F,)`` in ``feature_order`` → in the natural order."""
+    return x if feature_order is None else x[np.argsort(feature_order)]
+
+
+def masked_moments(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance ``(F,)`` of ``x`` ``(..., F)`` over every axis but the last,
+    counting only the entries where ``mask`` (broadcastable to ``x.shape[:-1]``) is true."""
+    return _masked_moments(x, mask, axes=tuple(range(x.ndim - 1)))
 
 
 def statistics_dtype(*dtypes: jnp.dtype) -> jnp.dtype:

@@ -24,6 +24,9 @@ class WindowState(NamedTuple):
     plain cell state (it is projected when it enters, at step ``t``), so the state holds the
     entries of ``c_{t-2} … c_{t-k}``, newest first.
 
+    Every feature axis is in the cell's window order (head-minor, see
+    :func:`larnn_jax.attention.head_minor_order`).
+
     Attributes:
       key_entries: ``(B, k-1, H)`` stored key entries (see :class:`WindowScheme`); zeros where
         not yet filled.
@@ -157,14 +160,16 @@ def slide_moment_sums(
       ``(sums over this step's window, sums over what stays for the next step)``, both
       ``(B, 4, H)``.
     """
-    window_sums = moment_sums + deviation_sums(
-        view.key_entries[..., 0, :], view.value_entries[..., 0, :], reference
-    )
+    entering = deviation_sums(view.key_entries[..., 0, :], view.value_entries[..., 0, :], reference)
     leaving = deviation_sums(
         view.key_entries[..., -1, :], view.value_entries[..., -1, :], reference
     )
     full = (view.count == view.key_entries.shape[-2])[..., None, None]
-    return window_sums, window_sums - jnp.where(full, leaving, jnp.zeros_like(leaving))
+    leaving = jnp.where(full, leaving, jnp.zeros_like(leaving))
+    next_sums = moment_sums + entering - leaving
+    # Computed from next_sums, so that everything read from the window precedes what the step
+    # computes next: a scan that keeps the window in a buffer can then update it in place.
+    return next_sums + leaving, next_sums
 
 
 def moments_from_sums(

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larnn_jax.attention import _attention_forward, head_indicator, window_attention
+from larnn_jax.attention import (
+    _attention_forward,
+    head_minor_order,
+    head_sums,
+    spread_over_heads,
+    window_attention,
+)
 
 B, K, H = 3, 5, 6
 
@@ -48,9 +54,18 @@ def test_gradient_matches_autodiff(num_heads, with_dropout):
 
 
 def test_heads_partition_the_features():
-    heads = head_indicator(6, 3)
-    np.testing.assert_array_equal(heads.sum(axis=1), np.ones(6))
-    np.testing.assert_array_equal(np.argmax(heads, axis=1), [0, 0, 1, 1, 2, 2])
+    """Head ``h`` owns features ``2h, 2h + 1`` (``d_k = 2``); in head-minor order they are at
+    positions ``h`` and ``3 + h``, and the head sums and spreads agree with that."""
+    order = head_minor_order(6, 3)
+    np.testing.assert_array_equal(order, [0, 2, 4, 1, 3, 5])
+    x = np.arange(12.0).reshape(2, 6)  # natural order
+    np.testing.assert_array_equal(head_sums(x[:, order], 3), x.reshape(2, 3, 2).sum(-1))
+    w = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(
+        spread_over_heads(w, 6)[:, np.argsort(order)], [[1, 1, 2, 2, 3, 3]]
+    )
+    np.testing.assert_array_equal(head_minor_order(4, 4), np.arange(4))  # d_k = 1
+    np.testing.assert_array_equal(head_minor_order(5, 1), np.arange(5))  # one head
 
 
 def test_window_moments_gradient_matches_autodiff():

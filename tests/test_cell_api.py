@@ -336,7 +336,8 @@ def test_window_moment_sums_match_the_window_after_a_long_sequence():
         mutable=["batch_stats"],
     )
     params = variables["params"]["rnn"]["cell"]
-    shift = np.stack([jax.nn.elu(params[name]["bias"]) for name in ("key", "value")])
+    order = larnn_cell().window_feature_order  # the window's features are head-minor
+    shift = np.stack([jax.nn.elu(params[name]["bias"])[order] for name in ("key", "value")])
     window = carry.window
     entries = np.stack([window.key_entries, window.value_entries], axis=-2).astype(np.float64)
     deviation = entries - shift  # (B, k-1, 2, H)
