@@ -6,8 +6,9 @@
 * memory: XLA's compiled memory analysis (:func:`memory_analysis`, deterministic), the device's
   peak bytes where the backend reports them, and the peak resident set size of a fresh
   subprocess (:func:`run_in_subprocess`);
-* the models (:class:`Workload`) and a jit-compiled training step (forward, backward, Adam
-  update) and inference pass for them (:class:`TrainingBench`, :class:`InferenceBench`);
+* the models (:class:`Workload`: a training configuration, built as the training builds it)
+  and, for them, the training's own jitted step (forward, backward, optimiser update) and the
+  evaluation-mode forward pass (:class:`TrainingBench`, :class:`InferenceBench`);
 * series over a size, each model stopping at a memory or time budget (:func:`measure_series`).
 
 Every script takes argparse flags for its sizes, prints a table and writes a JSON file whose
@@ -37,28 +38,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.naive_cell import NaiveSequenceClassifier
+from benchmarks.naive_cell import SCAN as NAIVE_SCAN
+from benchmarks.naive_cell import naive_twin
+from experiments.config import TrainConfig
+from experiments.steps import build_model, init_state, make_optimizer, make_train_step
 from larnn_jax.models import SequenceClassifier
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
 
-# The paper's UCI HAR configuration (SPEC §4): 9 inertial channels x 128 steps, 6 classes.
+_PAPER_CONFIG = TrainConfig()
+# The paper's UCI HAR configuration (SPEC §4): 9 inertial channels x 128 steps, 6 classes, and
+# the training's defaults (its best hyperparameters).
 PAPER = {
-    "batch": 256,
+    "batch": _PAPER_CONFIG.batch_size,
     "steps": 128,
     "inputs": 9,
     "classes": 6,
-    "hidden": 81,
-    "heads": 27,
-    "window": 38,
-    "layers": 3,
-    "dropout": 0.0889,
+    "hidden": _PAPER_CONFIG.hidden,
+    "heads": _PAPER_CONFIG.heads,
+    "window": _PAPER_CONFIG.window,
+    "layers": _PAPER_CONFIG.layers,
+    "dropout": _PAPER_CONFIG.dropout,
 }
 
-# Recurrent blocks a benchmark can build: the library's three, LARNN with the naive cell and
-# LARNN with rematerialised training scans (``LARNNLayer(checkpoint_every=N)``).
-BLOCKS = ("larnn", "larnn_remat", "larnn_naive", "bnlstm", "lstm")
+# Models a benchmark can build: the training's three (``TrainConfig.model``), and LARNN with the
+# plain scan (``nn.RNN`` over the cell, the implementation before the fused scan), with
+# rematerialised training scans (``scan='remat'``) and with the naive cell.
+BLOCKS = ("larnn", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
 
 Tree = Any
 
@@ -261,9 +268,11 @@ def summarize(samples: Sequence[float]) -> dict[str, float]:
 
 
 def timed_compile(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``jax.jit(function)`` lowered and compiled for ``args``; returns it and the seconds taken."""
+    """``function`` jitted (unless it is already, with its own options such as donation),
+    lowered and compiled for ``args``; returns it and the seconds taken."""
     start = time.perf_counter()
-    compiled = jax.jit(function).lower(*args).compile()
+    jitted = function if hasattr(function, "lower") else jax.jit(function)
+    compiled = jitted.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -372,7 +381,7 @@ def memory_budget_bytes(budget_gb: float | None) -> int | None:
 # Models, training step, inference
 
 
-def default_checkpoint_every(steps: int) -> int:
+def default_remat_chunk_length(steps: int) -> int:
     """The divisor of ``steps`` nearest ``sqrt(steps)`` (chunk length for rematerialisation)."""
     divisors = [d for d in range(1, steps + 1) if steps % d == 0]
     return min(divisors, key=lambda d: abs(d - steps**0.5))
@@ -382,10 +391,18 @@ def default_checkpoint_every(steps: int) -> int:
 class Workload:
     """A classifier (SPEC §3) and the batch it trains on; the unit every benchmark measures.
 
-    ``block`` is one of :data:`BLOCKS`; ``'larnn_naive'`` is the LARNN network (same variables)
-    with :class:`~benchmarks.naive_cell.NaiveLARNNCell`; ``'larnn_remat'`` the LARNN network
-    with rematerialised training scans in chunks of ``checkpoint_every`` steps (default: the
-    divisor of ``steps`` nearest its square root), ``SequenceClassifier(checkpoint_every=N)``.
+    The model is the training's (:func:`experiments.steps.build_model`) for the
+    :class:`~experiments.config.TrainConfig` of :meth:`config`: the paper's configuration (the
+    training's defaults) but for the sizes given here. ``block`` is one of :data:`BLOCKS`:
+
+    * ``'larnn'``, ``'bnlstm'``, ``'lstm'``: the training's models, LARNN with the library's
+      default fused scan;
+    * ``'larnn_plain'``: LARNN with ``scan='plain'`` (``nn.RNN`` over the cell);
+    * ``'larnn_remat'``: LARNN with rematerialised training scans in chunks of
+      ``remat_chunk_length`` steps (default: the divisor of ``steps`` nearest its square root),
+      as ``TrainConfig(remat_chunk_length=N)`` trains;
+    * ``'larnn_naive'``: LARNN (same variables) with
+      :class:`~benchmarks.naive_cell.NaiveLARNNCell`, under the plain scan.
     """
 
     block: str
@@ -398,36 +415,41 @@ class Workload:
     window: int = PAPER["window"]
     layers: int = PAPER["layers"]
     dropout: float = PAPER["dropout"]
-    norm: str = "batch"
-    checkpoint_every: int | None = None
+    norm: str = _PAPER_CONFIG.norm
+    remat_chunk_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
 
     @property
     def chunk(self) -> int:
         """The chunk length of ``'larnn_remat'``."""
-        return self.checkpoint_every or default_checkpoint_every(self.steps)
+        return self.remat_chunk_length or default_remat_chunk_length(self.steps)
 
-    def model(self) -> nn.Module:
-        """The classifier, residual stacking, dropout on ``h`` only."""
-        if self.block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
-        extra: dict[str, Any] = {}
-        model_class: type[SequenceClassifier] = SequenceClassifier
-        if self.block == "larnn_naive":
-            model_class = NaiveSequenceClassifier
-        elif self.block == "larnn_remat":
-            extra = {"checkpoint_every": self.chunk}
-        return model_class(
-            num_classes=self.classes,
-            block="larnn" if self.block.startswith("larnn") else self.block,
-            features=self.hidden,
-            num_layers=self.layers,
-            residual_stacking=True,
-            num_heads=self.heads,
-            window_size=self.window,
+    def config(self) -> TrainConfig:
+        """The training configuration of this workload's model and batch."""
+        return dataclasses.replace(
+            _PAPER_CONFIG,
+            model=self.block.partition("_")[0],
+            hidden=self.hidden,
+            heads=self.heads,
+            window=self.window,
+            layers=self.layers,
+            dropout=self.dropout,
             norm=self.norm,
-            dropout_rate=self.dropout,
-            **extra,
+            batch_size=self.batch,
+            remat_chunk_length=self.chunk if self.block == "larnn_remat" else None,
         )
+
+    def model(self) -> SequenceClassifier:
+        """The classifier, as the training builds it (with the scan or cell ``block`` names)."""
+        model = build_model(self.config(), self.classes)
+        if self.block == "larnn_plain":
+            return model.clone(scan="plain")
+        if self.block == "larnn_naive":
+            return model.clone(cell=naive_twin(model.cell), scan=NAIVE_SCAN)
+        return model
 
     def data(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:
         """Standard-normal inputs ``(batch, steps, inputs)`` and random labels ``(batch,)``."""
@@ -521,43 +543,13 @@ def doubling(first: int, last: int) -> str:
     return ",".join(str(v) for v in values)
 
 
-def _with_stats(params: Tree, batch_stats: Tree) -> dict[str, Tree]:
-    """The variables of a model (``batch_stats`` only where the model has statistics)."""
-    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-def training_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
-    """``(state, x, y, key) -> (state, loss)``: forward, backward and an optimizer update.
-
-    ``state = (params, batch_stats, opt_state)``; cross-entropy loss on the logits; the model
-    runs in training mode (batch statistics, updated running averages, dropout).
-    """
-
-    def step(state: Tree, x: jax.Array, y: jax.Array, key: jax.Array) -> tuple[Tree, jax.Array]:
-        params, batch_stats, opt_state = state
-
-        def loss_fn(params: Tree) -> tuple[jax.Array, Tree]:
-            logits, updates = model.apply(
-                _with_stats(params, batch_stats),
-                x,
-                deterministic=False,
-                rngs={"dropout": key},
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, updates.get("batch_stats", {})
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), new_stats, opt_state), loss
-
-    return step
-
-
 class TrainingBench:
-    """A model's compiled training step (Adam) on one fixed batch, to be called repeatedly.
+    """A model's training step on one fixed batch, to be called repeatedly.
 
-    Calling it runs one step (the state moves on, as in training) and waits for the result.
+    The step is the training's own (:func:`experiments.steps.make_train_step`: forward,
+    backward, the optimiser update, the state donated), compiled ahead for this batch, on the
+    state of :func:`experiments.steps.init_state`. Calling it runs one step (the state moves on,
+    as in training) and waits for the result.
 
     Attributes:
       compile_seconds: time to trace, lower and compile the step.
@@ -566,29 +558,40 @@ class TrainingBench:
       usage: per call, CPU seconds in user and kernel mode and minor page faults.
     """
 
-    def __init__(self, model: nn.Module, x: jax.Array, y: jax.Array, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        x: jax.Array,
+        y: jax.Array,
+        optimizer: optax.GradientTransformation | None = None,
+        seed: int = 0,
+    ):
+        """``optimizer``: default, the training's for the paper's configuration."""
+        if optimizer is None:
+            optimizer = make_optimizer(_PAPER_CONFIG, steps_per_epoch=1)
         self.x, self.y = x, y
-        self.key = jax.random.key(seed + 1)
-        variables = model.init(jax.random.key(seed), x[:1], deterministic=True)
-        params = variables["params"]
-        optimizer = optax.adam(1e-3)
-        self.parameters = parameter_count(params)
-        self.state = (params, variables.get("batch_stats", {}), optimizer.init(params))
+        self.rows = jnp.arange(len(y), dtype=jnp.int32)  # the batch is all of x
+        self.steps_run = 0
+        self.state = init_state(model, optimizer, x[:1], seed)
+        self.parameters = parameter_count(self.state["params"])
         self.compiled, self.compile_seconds = timed_compile(
-            training_step(model, optimizer), self.state, x, y, self.key
+            make_train_step(model, optimizer), self.state, x, y, self.rows, self.steps_run
         )
         self.memory = memory_analysis(self.compiled)
         self.usage: list[tuple[float, float, int]] = []
 
     @classmethod
     def of(cls, workload: Workload) -> TrainingBench:
-        """The bench of a :class:`Workload`."""
-        return cls(workload.model(), *workload.data())
+        """The bench of a :class:`Workload`, with the training's optimiser for its configuration
+        (the length of an epoch only sets when the learning rate decays: one step here)."""
+        optimizer = make_optimizer(workload.config(), steps_per_epoch=1)
+        return cls(workload.model(), *workload.data(), optimizer=optimizer)
 
     def __call__(self) -> float:
         """One training step; returns the loss. Records the CPU time and page faults it took."""
         before = resource.getrusage(resource.RUSAGE_SELF)
-        self.state, loss = self.compiled(self.state, self.x, self.y, self.key)
+        self.state, loss, _ = self.compiled(self.state, self.x, self.y, self.rows, self.steps_run)
+        self.steps_run += 1
         value = float(jax.block_until_ready(loss))
         after = resource.getrusage(resource.RUSAGE_SELF)
         self.usage.append(

@@ -1,7 +1,7 @@
 """Peak memory of one training step on long sequences (default T = 4096, batch 32, paper widths).
 
-For each model, the classifier of SPEC §3 (3 layers, residual stacking) and its training step
-(forward, backward, Adam; :mod:`benchmarks.common`):
+For each model, the classifier of SPEC §3 (3 layers, residual stacking) and the training's own
+step (forward, backward, optimiser update; :class:`benchmarks.common.TrainingBench`):
 
 * XLA's compiled memory analysis: arguments + outputs + temporaries (deterministic; no memory is
   allocated to get it);
@@ -11,8 +11,10 @@ For each model, the classifier of SPEC §3 (3 layers, residual stacking) and its
 * bytes per sequence and the largest batch that fits the target, from a second analysis at
   batch 1 (the need is affine in the batch).
 
-``larnn_remat`` is LARNN with ``LARNNLayer(checkpoint_every=N)`` (rematerialised training scans,
-``N`` the divisor of ``T`` nearest ``sqrt(T)`` unless ``--checkpoint-every``).
+``larnn`` runs the library's default fused scan, ``larnn_plain`` the plain one (``nn.RNN`` over
+the cell: every step's window is kept for the backward pass), ``larnn_remat`` rematerialised
+training scans (``scan='remat'``, chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest
+``sqrt(T)`` unless ``--remat-chunk-length``).
 
 The project's target: LARNN at T = 4096, batch 32, paper widths trains within 4 GB (10⁹ bytes;
 all figures here are in GB).
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser, steps=4096, batch=32)
     add_subset_argument(parser, "--models", BLOCKS)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
+    parser.add_argument("--remat-chunk-length", type=int, default=None, help="larnn_remat's N")
     parser.add_argument("--target-gb", type=float, default=TARGET_GB, help="memory target (GB)")
     parser.add_argument(
         "--rss", action=argparse.BooleanOptionalAction, default=True, help="run the RSS process"
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if "larnn_remat" in models:
         chunk = workload_from_args(args, "larnn_remat").chunk
-        print(f"larnn_remat: LARNNLayer(checkpoint_every={chunk})")
+        print(f"larnn_remat: scan='remat', remat_chunk_length={chunk}")
     for row in rows:
         if "rss_note" in row:
             print(f"{row['model']}: peak RSS {row['rss_note']}")

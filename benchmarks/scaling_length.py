@@ -1,13 +1,15 @@
 """Training-step time and memory against sequence length: LARNN versus causal self-attention.
 
 Both models are ``elu(Dense_H(x))`` → the sequence block → mean over time → ``Dense_C``, trained
-with the same step (forward, backward, Adam; see :mod:`benchmarks.common`). The mean over time
+with the same step, the training's own (forward, backward, optimiser update; see
+:class:`benchmarks.common.TrainingBench`). The mean over time
 makes the loss depend on every step's output (with only the last step, XLA could skip all but
 the last query of the attention). Blocks:
 
-* ``larnn``: ``--layers`` LARNN layers (default one) with residual stacking (SPEC §3);
-* ``larnn_remat``: the same with ``LARNNLayer(checkpoint_every=N)``, the training scan
-  rematerialised in chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest ``sqrt(T)``;
+* ``larnn``: ``--layers`` LARNN layers (default one) with residual stacking (SPEC §3), the
+  library's default fused scan;
+* ``larnn_remat``: the same with ``scan='remat'``, the training scan rematerialised in chunks of
+  ``N`` steps (``remat_chunk_length``), ``N`` the divisor of ``T`` nearest ``sqrt(T)``;
 * ``attention``: ONE causal multi-head self-attention layer of the same width and heads,
   written plainly with ``jnp`` (a ``(T, T)`` score matrix per head: ``O(T²)`` time and memory),
   with a residual sum.
@@ -42,7 +44,7 @@ from benchmarks.common import (
     TrainingBench,
     add_run_arguments,
     add_subset_argument,
-    default_checkpoint_every,
+    default_remat_chunk_length,
     describe_machine,
     doubling,
     format_table,
@@ -115,7 +117,8 @@ def build_model(name: str, args: argparse.Namespace, length: int) -> PooledClass
             cell,
             num_layers=args.layers,
             residual_stacking=True,
-            checkpoint_every=default_checkpoint_every(length),
+            scan="remat",
+            remat_chunk_length=default_remat_chunk_length(length),
         )
     else:
         block = CausalSelfAttention(args.hidden, args.heads)

@@ -9,9 +9,12 @@ in turns, one call each; the table gives the median and the 99th percentile.
 For comparison, ``in-scan`` is the cost per step with ``--scan-steps`` steps inside one compiled
 scan (no per-step dispatch): what the step computes, without the call overhead.
 
-Cells: ``larnn`` (:class:`larnn_jax.LARNNCell`), ``larnn_naive``
-(:class:`benchmarks.naive_cell.NaiveLARNNCell`), ``bnlstm`` (:class:`larnn_jax.BNLSTMCell`),
-``lstm`` (Flax's ``nn.LSTMCell``, no normalisation). The input has ``--inputs`` features (default
+Cells, as the training builds them (:meth:`experiments.config.TrainConfig.build_cell`, the
+paper's configuration but for the sizes and norm given): ``larnn`` (:class:`larnn_jax.LARNNCell`),
+``larnn_naive`` (:class:`benchmarks.naive_cell.NaiveLARNNCell`), ``bnlstm``
+(:class:`larnn_jax.BNLSTMCell`), ``lstm`` (Flax's ``nn.LSTMCell``, no normalisation). The
+in-scan run scans LARNN with the library's default fused scan, the naive cell with the plain
+one. The input has ``--inputs`` features (default
 the hidden size: what a stacked layer sees after the input projection).
 
     python -m benchmarks.streaming
@@ -39,8 +42,10 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from benchmarks.naive_cell import NaiveLARNNCell
-from larnn_jax import BNLSTMCell, LARNNCell, LARNNLayer
+from benchmarks.naive_cell import SCAN as NAIVE_SCAN
+from benchmarks.naive_cell import NaiveLARNNCell, naive_twin
+from experiments.config import TrainConfig
+from larnn_jax import LARNNLayer
 
 # (name, norm) of every measured cell; norm None: the cell has no normalisation.
 CELLS = (
@@ -54,15 +59,17 @@ CELLS = (
 
 
 def make_cell(name: str, norm: str | None, args: argparse.Namespace) -> nn.RNNCellBase:
-    """The evaluation-mode cell ``name`` with normalisation ``norm``."""
-    if name == "lstm":
-        return nn.LSTMCell(args.hidden)
-    if name == "bnlstm":
-        return BNLSTMCell(args.hidden, norm=norm, deterministic=True)
-    cell_class = NaiveLARNNCell if name == "larnn_naive" else LARNNCell
-    return cell_class(
-        args.hidden, num_heads=args.heads, window_size=args.window, norm=norm, deterministic=True
+    """The evaluation-mode cell ``name`` with normalisation ``norm`` (None: a cell without)."""
+    settings = {"norm": norm} if norm is not None else {}
+    config = TrainConfig(
+        model=name.partition("_")[0],
+        hidden=args.hidden,
+        heads=args.heads,
+        window=args.window,
+        **settings,
     )
+    cell = config.build_cell()
+    return naive_twin(cell) if name == "larnn_naive" else cell
 
 
 class StreamStep:
@@ -83,7 +90,9 @@ class StreamStep:
 
 def scan_per_step(cell: nn.RNNCellBase, inputs: int, steps: int) -> Callable[[], None]:
     """A compiled scan of ``cell`` over ``(1, steps, inputs)`` (evaluation mode), to be timed."""
-    layer = LARNNLayer(cell)
+    layer = (
+        LARNNLayer(cell, scan=NAIVE_SCAN) if isinstance(cell, NaiveLARNNCell) else LARNNLayer(cell)
+    )
     x = jax.random.normal(jax.random.key(1), (1, steps, inputs))
     variables = layer.init(jax.random.key(0), x, deterministic=True)
     run = jax.jit(lambda variables, x: layer.apply(variables, x, deterministic=True))

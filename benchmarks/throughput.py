@@ -1,15 +1,19 @@
 """Training and inference throughput at the paper's configuration, against Flax's LSTM.
 
-One training step is forward + backward + Adam update of the whole classifier (SPEC §3),
-jit-compiled; inference is the evaluation-mode forward pass. Models: LARNN, LARNN with
-rematerialised training scans (``larnn_remat``: ``LARNNLayer(checkpoint_every=N)``, ``N`` the
-divisor of ``T`` nearest ``sqrt(T)`` unless ``--checkpoint-every``), LARNN with the naive cell
+One training step is the training's own jitted step (forward, backward, optimiser update of
+the whole classifier, SPEC §3; see :class:`benchmarks.common.TrainingBench`); inference is the
+evaluation-mode forward pass. Models (:data:`benchmarks.common.BLOCKS`): LARNN (the library's
+default fused scan), LARNN with rematerialised training scans (``larnn_remat``:
+``scan='remat'``, chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest ``sqrt(T)`` unless
+``--remat-chunk-length``), LARNN with the plain scan (``larnn_plain``: ``nn.RNN`` over the cell,
+the implementation before the fused scan), LARNN with the naive cell
 (:mod:`benchmarks.naive_cell`), the BN-LSTM (``bnlstm``), Flax's ``nn.LSTMCell`` (``lstm``)
 and, when ``torch`` is importable, PyTorch's ``nn.LSTM`` (``torch_lstm``: input projection, a
 ``num_layers``-layer ``nn.LSTM`` without residual sums, classifier on the last step; eager).
 
 All models are timed in turns (see :func:`benchmarks.common.interleaved_timings`); every figure
-is a median, reported with its ratio to Flax's LSTM from the same run.
+is a median, reported with its ratio to Flax's LSTM from the same run, and the fused scan's
+speed-up over the plain one (``larnn_plain`` time / ``larnn`` time).
 
     python -m benchmarks.throughput                       # the paper configuration
     python -m benchmarks.throughput --batch 64 --repeats 3
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    BLOCKS,
     GIB,
     Column,
     InferenceBench,
@@ -42,7 +47,7 @@ from benchmarks.common import (
     write_json,
 )
 
-MODELS = ("larnn", "larnn_remat", "larnn_naive", "bnlstm", "lstm", "torch_lstm")
+MODELS = (*BLOCKS, "torch_lstm")
 BASELINE = "lstm"
 TARGET_RATIO = 3.0  # the project's target: a LARNN training step <= 3x Flax LSTM's
 
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_workload_arguments(parser)
     add_run_arguments(parser, "throughput", repeats=5)
     add_subset_argument(parser, "--models", MODELS)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="larnn_remat's N")
+    parser.add_argument("--remat-chunk-length", type=int, default=None, help="larnn_remat's N")
     args = parser.parse_args(argv)
     models = args.models
     budget = memory_budget_bytes(args.memory_budget_gb)
@@ -174,11 +179,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for row in rows:
         row["train_cpu_vs_lstm"] = _ratio(row["train_cpu_s"], base_cpu)
     larnn_ratio = next((r["train_vs_lstm"] for r in rows if r["model"] == "larnn"), None)
+    by_model = {row["model"]: row for row in rows}
+    fused, plain = by_model.get("larnn"), by_model.get("larnn_plain")
+    speedup = None
+    if fused is not None and plain is not None:
+        speedup = {
+            "train": plain["train_ms"] / fused["train_ms"],
+            "infer": plain["infer_ms"] / fused["infer_ms"],
+        }
     payload = {
         "benchmark": "throughput",
         "config": vars(args),
         "rows": rows,
         "skipped": skipped,
+        "fused_scan_speedup": speedup,
         "target": {
             "larnn_train_vs_lstm_max": TARGET_RATIO,
             "larnn_train_vs_lstm": larnn_ratio,
@@ -212,7 +226,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if "larnn_remat" in train:
         chunk = workload_from_args(args, "larnn_remat").chunk
-        print(f"larnn_remat: LARNNLayer(checkpoint_every={chunk})")
+        print(f"larnn_remat: scan='remat', remat_chunk_length={chunk}")
+    if speedup is not None:
+        print(
+            f"fused scan (larnn) against the plain one (larnn_plain): {speedup['train']:.2f}x "
+            f"faster training steps, {speedup['infer']:.2f}x faster inference"
+        )
     for model, reason in skipped.items():
         print(f"skipped {model}: {reason}")
     if larnn_ratio is not None:

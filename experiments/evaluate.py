@@ -5,7 +5,7 @@
     python -m experiments.evaluate --checkpoint runs/best/checkpoints/40
 
 The configuration (model, data, preprocessing) comes from the checkpoint. Prints the test loss,
-the number of test sequences whose logits diverged (see :func:`experiments.train.diverged_rows`)
+the number of test sequences whose logits diverged (see :func:`experiments.steps.diverged_rows`)
 and the test figures of :func:`experiments.report.classification_figures` (accuracy, weighted and
 macro F1, per-class accuracy, confusion matrix) as JSON, and writes them with a confusion-matrix
 plot to ``evaluation-epoch<N>.json`` and ``evaluation-epoch<N>-confusion_matrix.png`` in the run
@@ -29,17 +29,15 @@ import jax.numpy as jnp
 
 from experiments import report
 from experiments.checkpoints import CheckpointError, CheckpointStore, discover_checkpoint_dir
-from experiments.train import (
-    ConfigError,
-    TrainConfig,
+from experiments.config import ConfigError, TrainConfig, load_config_dataset
+from experiments.steps import (
     build_model,
-    configure_logging,
     init_state,
-    load_config_dataset,
     make_evaluator,
     make_optimizer,
     model_variables,
 )
+from experiments.train import configure_logging
 from larnn_jax.data import DataError, Dataset
 from larnn_jax.models import SequenceClassifier
 
@@ -120,7 +118,7 @@ def evaluate_checkpoint(
     Returns:
         ``{"checkpoint", "epoch", "dataset", "test_loss", "test_diverged", "test"}``,
         ``test_diverged`` being the number of test rows whose logits diverged (see
-        :func:`experiments.train.diverged_rows`; a warning is logged when it is not 0) and
+        :func:`experiments.steps.diverged_rows`; a warning is logged when it is not 0) and
         ``test`` the :func:`~experiments.report.classification_figures` of the test set.
     """
     run = restore_run(checkpoint, step=step, data_dir=data_dir)

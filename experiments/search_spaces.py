@@ -24,7 +24,7 @@ decay_every ``quniform(3..10)``, l2 ``0.005·loguniform(-1.3, 1.3)``, hidden
 ``64·loguniform(-0.6, 0.6)``, heads ``quniform(6..36)``, window ``uniform(10, 50)``, and it also
 samples kv_activation (False | True), layers (2 | 3) and residual_stacking (False | True).
 
-Every setting a space neither samples nor fixes keeps its :class:`~experiments.train.TrainConfig`
+Every setting a space neither samples nor fixes keeps its :class:`~experiments.config.TrainConfig`
 default (e.g. decay_factor 0.75, norm batch, kv_dropout and attention_dropout 0.1).
 
 A sampled point becomes a trial's configuration by :func:`resolve_point`, which applies the integer
@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 from hyperopt import hp
 
-from experiments.train import ConfigError, TrainConfig
+from experiments.config import ConfigError, TrainConfig, with_current_names
 
 #: Integer fields a space may sample as floats; :func:`resolve_point` rounds them to the nearest.
 ROUNDED_FIELDS = ("heads", "decay_every", "layers", "batch_size")
@@ -210,12 +210,12 @@ def resolve_point(point: Mapping[str, Any]) -> ResolvedPoint:
 
     Applies the integer rules of the module docstring: the fields of :data:`ROUNDED_FIELDS` are
     rounded, ``window`` truncated, and ``hidden`` (default: TrainConfig's) rounded to a multiple
-    of ``heads``.
+    of ``heads``. A field since renamed (a point of an older sweep) is read under its new name.
 
     Raises:
         ConfigError: unknown fields or invalid values.
     """
-    values = dict(point)
+    values = with_current_names(point)
     for name in ROUNDED_FIELDS:
         if name in values:
             values[name] = round(values[name])

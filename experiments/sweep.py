@@ -47,16 +47,16 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
 from experiments import analyze_sweep
-from experiments.search_spaces import SearchSpace, get_space, resolve_point
-from experiments.train import (
+from experiments.config import (
     ConfigError,
     TrainConfig,
     absolute_dataset_spec,
     absolute_path,
-    check_checkpoint_every,
+    check_remat_chunk_length,
     load_config_dataset,
-    train,
 )
+from experiments.search_spaces import SearchSpace, get_space, resolve_point
+from experiments.train import train
 from larnn_jax.data import DataError
 
 #: What the sweep maximises: the validation accuracy of each epoch.
@@ -359,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="dataset of every trial (default: uci_har)")
     parser.add_argument("--data-dir", help="data folder, as experiments.train's --data-dir")
     parser.add_argument(
-        "--checkpoint-every",
+        "--remat-chunk-length",
         type=int,
         metavar="N",
         help="rematerialise every trial's training scans in chunks of N time steps, as "
-        "experiments.train's --checkpoint-every (default: off)",
+        "experiments.train's --remat-chunk-length (default: off)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the search and of every trial (default: 0)"
@@ -377,20 +377,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises:
         ConfigError: an invalid value (checked here rather than in every trial).
-        DataError: with ``--checkpoint-every``, the dataset (loaded to read its length) is bad.
+        DataError: with ``--remat-chunk-length``, the dataset (loaded to read its length) is bad.
     """
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    if args.checkpoint_every is not None:
-        overrides["checkpoint_every"] = args.checkpoint_every
+    if args.remat_chunk_length is not None:
+        overrides["remat_chunk_length"] = args.remat_chunk_length
     if args.dataset is not None:
         overrides["dataset"] = absolute_dataset_spec(args.dataset)
     if args.data_dir is not None:
         overrides["data_dir"] = storage_uri(args.data_dir)
     config = TrainConfig.from_dict(overrides)
-    if config.checkpoint_every is not None:  # load the data once here, not fail in every trial
-        check_checkpoint_every(config.checkpoint_every, load_config_dataset(config))
+    if config.remat_chunk_length is not None:  # load the data once here, not in every trial
+        check_remat_chunk_length(config.remat_chunk_length, load_config_dataset(config))
     return overrides
 
 

@@ -36,7 +36,6 @@ import zipfile
 from collections.abc import Sequence
 
 import numpy as np
-import pooch
 
 __all__ = [
     "UCI_HAR_CHANNELS",
@@ -192,14 +191,25 @@ class Dataset:
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The data directory: ``data_dir`` if given, else ``$LARNN_DATA_DIR`` if set and non-empty,
-    else the per-user cache folder ``pooch.os_cache("larnn_jax")`` (``~/.cache/larnn_jax`` on
-    Linux, or ``$XDG_CACHE_HOME/larnn_jax``).
+    else the per-user cache folder :func:`user_cache_dir`.
 
     For UCI HAR it is the folder that contains ``UCI HAR Dataset/``.
     """
     if data_dir is None:
-        data_dir = os.environ.get("LARNN_DATA_DIR") or pooch.os_cache("larnn_jax")
+        data_dir = os.environ.get("LARNN_DATA_DIR") or user_cache_dir()
     return pathlib.Path(data_dir).expanduser()
+
+
+def user_cache_dir() -> pathlib.Path:
+    """The per-user cache folder ``pooch.os_cache("larnn_jax")`` (``~/.cache/larnn_jax`` on
+    Linux, or ``$XDG_CACHE_HOME/larnn_jax``).
+
+    pooch (the ``train`` extra) is imported here, not with this module: the library and the
+    loading of data already on disk do not need it.
+    """
+    import pooch
+
+    return pathlib.Path(pooch.os_cache("larnn_jax"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +381,10 @@ def _download_uci_har(root: pathlib.Path, progress: bool) -> None:
     The archive is fetched with 3 retries and a tqdm progress bar when ``progress`` is true; both
     zip levels (the archive and the ``UCI HAR Dataset.zip`` inside it) are unpacked and then
     removed. The archive's own hash is not pinned: integrity is checked afterwards, file by file,
-    against :data:`UCI_HAR_SHA256`.
+    against :data:`UCI_HAR_SHA256`. pooch (the ``train`` extra) is imported here.
     """
+    import pooch
+
     archive = UCI_HAR_URL.rsplit("/", 1)[1]
     fetcher = pooch.create(
         path=root,
@@ -406,7 +418,7 @@ def _download_uci_har(root: pathlib.Path, progress: bool) -> None:
 
 def _cache_dirs(root: pathlib.Path) -> list[pathlib.Path]:
     """Where the parsed-data cache may live, in order of preference."""
-    return list(dict.fromkeys([root, pooch.os_cache("larnn_jax")]))
+    return list(dict.fromkeys([root, user_cache_dir()]))
 
 
 def _cache_key(hashes: dict[str, str]) -> str:
@@ -506,7 +518,7 @@ def load_uci_har(
     Every file read is checked against :data:`UCI_HAR_SHA256` first (the downloaded archive has
     no pinned hash: this table is the integrity check). The parsed arrays are cached in
     ``uci_har_<key>.npz``, keyed by the file hashes, in ``data_dir`` if it is writable, else in
-    ``pooch.os_cache("larnn_jax")``; a stale or unreadable cache is ignored and rewritten.
+    :func:`user_cache_dir`; a stale or unreadable cache is ignored and rewritten.
     """
     root = resolve_data_dir(data_dir)
     folder = root / UCI_HAR_FOLDER
@@ -769,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--data-dir",
         help="folder that contains 'UCI HAR Dataset/' (default: $LARNN_DATA_DIR, else "
-        f"{pooch.os_cache('larnn_jax')})",
+        f"{user_cache_dir()})",
     )
     parser.add_argument("--validation-subjects", type=int, default=4)
     parser.add_argument("--validation-fraction", type=float, default=0.2)

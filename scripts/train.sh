@@ -3,7 +3,7 @@
 # Extra arguments go to `python -m experiments.train`, e.g. `bash scripts/train.sh --epochs 10`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh tune
+bash scripts/setup.sh train,tune
 # tcmalloc reuses freed memory where glibc's malloc has the kernel fault in every page of every
 # step's buffers again: a CPU training step takes a quarter to a third less time (BENCHMARKS.md,
 # section 6). Preloaded when the system has it and LD_PRELOAD is unset (set it, even empty, to

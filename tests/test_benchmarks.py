@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 
 from benchmarks import common, memory, scaling_length, scaling_window, streaming, throughput
+from benchmarks.naive_cell import NaiveLARNNCell
+from experiments.config import TrainConfig
+from experiments.steps import build_model
 
 TINY = ["--hidden", "6", "--heads", "2", "--window", "3"]
 COMMON_KEYS = {"machine", "code", "command", "benchmark", "config", "rows"}
@@ -39,7 +42,7 @@ def test_throughput(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     args = [*TINY, "--batch", "4", "--steps", "8", "--layers", "1", "--repeats", "1"]
     # larnn_remat runs in test_scaling_length, the naive cell in test_scaling_window.
-    models = "larnn,lstm,torch_lstm"
+    models = "larnn,larnn_plain,lstm,torch_lstm"
     args = [*args, "--warmup", "0", "--models", models]
     throughput.main([*args, "--out", str(out)])
     document = read_json(out, "throughput")
@@ -55,6 +58,8 @@ def test_throughput(tmp_path: Path) -> None:
     assert larnn["cpu_user_s"] > 0 and larnn["train_cpu_vs_lstm"] > 0
     assert document["target"]["larnn_train_vs_lstm"] == rows["larnn"]["train_vs_lstm"]
     assert isinstance(document["target"]["met"], bool)
+    speedup = document["fused_scan_speedup"]
+    assert speedup["train"] > 0 and speedup["infer"] > 0
 
 
 def test_scaling_length(tmp_path: Path) -> None:
@@ -171,6 +176,32 @@ def test_memory(tmp_path: Path) -> None:
 # benchmarks.common
 
 
+def test_workloads_are_the_models_the_training_builds() -> None:
+    """A workload is a training configuration (the paper's by default) built by the training's
+    ``build_model``; the LARNN variants differ from it only in their scan or cell."""
+    assert common.Workload("larnn").config() == TrainConfig()
+    assert common.Workload("larnn").model() == build_model(TrainConfig(), common.PAPER["classes"])
+    small = {"steps": 16, "hidden": 6, "heads": 2, "window": 3, "layers": 1, "batch": 4}
+    config = common.Workload("larnn_remat", **small).config()
+    assert (config.model, config.remat_chunk_length, config.batch_size) == ("larnn", 4, 4)
+    assert (config.hidden, config.heads, config.window, config.layers) == (6, 2, 3, 1)
+    models = {block: common.Workload(block, **small).model() for block in common.BLOCKS}
+    scans = {block: model.scan for block, model in models.items()}
+    assert scans == {
+        "larnn": "fused",
+        "larnn_remat": "remat",
+        "larnn_plain": "plain",
+        "larnn_naive": "plain",
+        "bnlstm": "fused",
+        "lstm": "fused",
+    }
+    assert isinstance(models["larnn_naive"].cell, NaiveLARNNCell)
+    assert models["larnn_plain"].cell == models["larnn"].cell
+    assert common.Workload("bnlstm", **small).config().model == "bnlstm"
+    with pytest.raises(ValueError, match="block must be one of"):
+        common.Workload("gru")
+
+
 def test_interleaved_timings_rotates_and_counts() -> None:
     """Warm-up calls first, then one call per function per repeat, in rotated order."""
     calls: list[str] = []
@@ -240,8 +271,8 @@ def test_helpers() -> None:
     """Argument helpers, the rematerialisation chunk and the table format."""
     assert common.doubling(128, 1024) == "128,256,512,1024"
     assert common.int_list("1,2,4") == [1, 2, 4]
-    assert common.default_checkpoint_every(4096) == 64
-    assert common.default_checkpoint_every(128) in (8, 16)
+    assert common.default_remat_chunk_length(4096) == 64
+    assert common.default_remat_chunk_length(128) in (8, 16)
     table = common.format_table(
         [{"a": 1, "b": 2.5}, {"a": 10}],
         [common.Column("a", "A"), common.Column("b", "B", "{:.1f}")],

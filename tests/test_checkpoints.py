@@ -15,7 +15,7 @@ from test_train import make_dataset, read_lines, tiny_config, without_timing
 
 from experiments import train as train_module
 from experiments.checkpoints import MANIFEST_NAME, QUARANTINE_DIR, CheckpointStore
-from experiments.train import ConfigError
+from experiments.config import ConfigError, TrainConfig
 
 STATE = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": jnp.int32(0)}
 
@@ -42,13 +42,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return root / "run"
 
 
-def copy_run(
-    run: pathlib.Path, tmp_path: pathlib.Path
-) -> tuple[pathlib.Path, train_module.TrainConfig]:
+def copy_run(run: pathlib.Path, tmp_path: pathlib.Path) -> tuple[pathlib.Path, TrainConfig]:
     out = tmp_path / "run"
     shutil.copytree(run, out)
     saved = json.loads((out / "config.json").read_text())
-    return out, train_module.TrainConfig.from_dict({**saved, "out": str(out)})
+    return out, TrainConfig.from_dict({**saved, "out": str(out)})
 
 
 def test_retention_keeps_latest_three_and_best_across_restarts(tmp_path: pathlib.Path) -> None:

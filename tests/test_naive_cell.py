@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from cell_cases import CellCase, randomised
 
-from benchmarks.naive_cell import NaiveCarry, NaiveLARNNCell, head_membership, naive_twin
+from benchmarks.naive_cell import SCAN, NaiveCarry, NaiveLARNNCell, naive_twin
 from larnn_jax import LARNNCell, LARNNLayer
+from larnn_jax.attention import head_indicator
 
 RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
@@ -33,7 +34,10 @@ def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
         cell = case.cell(dtype)
         shape = (case.batch, case.steps, case.inputs)
         x = np.random.default_rng(1).normal(size=shape).astype(dtype)
-        layers = [LARNNLayer(c, return_carry=True) for c in (cell, naive_twin(cell))]
+        layers = [
+            LARNNLayer(cell, return_carry=True),
+            LARNNLayer(naive_twin(cell), scan=SCAN, return_carry=True),
+        ]
         variables = randomised(layers[0].init(jax.random.key(0), x, deterministic=False))
         results: dict[str, list[dict]] = {"train": [], "eval": []}
         for layer in layers:
@@ -95,7 +99,7 @@ def test_same_variables_as_larnn_cell() -> None:
     def shapes(layer: LARNNLayer) -> dict:
         return jax.eval_shape(functools.partial(layer.init, deterministic=False), key, x)
 
-    assert shapes(LARNNLayer(naive_twin(cell))) == shapes(LARNNLayer(cell))
+    assert shapes(LARNNLayer(naive_twin(cell), scan=SCAN)) == shapes(LARNNLayer(cell))
 
 
 def test_twin_and_carry() -> None:
@@ -116,4 +120,4 @@ def test_twin_and_carry() -> None:
 def test_head_membership() -> None:
     """Column ``h`` marks the contiguous features of head ``h``."""
     expected = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]])
-    np.testing.assert_array_equal(head_membership(6, 3), expected)
+    np.testing.assert_array_equal(head_indicator(6, 3), expected)

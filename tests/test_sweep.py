@@ -21,6 +21,7 @@ from hyperopt import hp
 from hyperopt.pyll import stochastic
 
 from experiments import analyze_sweep, sweep
+from experiments.config import ConfigError, TrainConfig, load_config_file
 from experiments.search_spaces import (
     ROUND_1,
     ROUND_2,
@@ -29,7 +30,7 @@ from experiments.search_spaces import (
     resolve_point,
     round_to_multiple,
 )
-from experiments.train import ConfigError, NonFiniteLossError, TrainConfig, load_config_file
+from experiments.train import NonFiniteLossError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,11 @@ def test_resolve_point_rules() -> None:
         resolve_point({"dropout": 1.5})
 
 
+def test_points_of_older_sweeps_read_renamed_fields_under_their_new_names() -> None:
+    """A point of a sweep started when ``remat_chunk_length`` was called ``checkpoint_every``."""
+    assert resolve_point({"checkpoint_every": 16}).config.remat_chunk_length == 16
+
+
 def test_space_definitions_are_checked() -> None:
     with pytest.raises(ConfigError, match="not TrainConfig fields: hiden"):
         SearchSpace(name="typo", sampled={"hiden": hp.uniform("hiden", 1, 2)})
@@ -197,7 +203,7 @@ def test_help(module, capsys) -> None:
     text = capsys.readouterr().out
     sweep_flags = """--space --num-samples --max-concurrent --cpus-per-trial --gpus-per-trial
         --address --storage --name --resume --scheduler --epochs --data-dir --dataset --seed
-        --grace-period --reduction-factor --checkpoint-every"""
+        --grace-period --reduction-factor --remat-chunk-length"""
     flags = sweep_flags.split() if module is sweep else ["DIR", "--out"]
     for flag in flags:
         assert flag in text
@@ -224,8 +230,8 @@ def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) 
     assert "no Tune experiment to resume" in capsys.readouterr().err
     assert sweep.main(["--space", "round2", "--epochs", "4", "--grace-period", "5"]) == 2
     assert "grace period must be in 1..4" in capsys.readouterr().err
-    assert sweep.main(["--space", "round2", "--checkpoint-every", "0"]) == 2
-    assert "checkpoint_every must be >= 1" in capsys.readouterr().err
+    assert sweep.main(["--space", "round2", "--remat-chunk-length", "0"]) == 2
+    assert "remat_chunk_length must be >= 1" in capsys.readouterr().err
 
 
 def test_trial_overrides(
@@ -247,20 +253,20 @@ def test_trial_overrides(
     assert overrides() == {"seed": 0}
     assert overrides(
         *["--dataset", "npz:data/toy.npz", "--data-dir", "data", "--seed", "3"],
-        *["--epochs", "5", "--checkpoint-every", "16"],
+        *["--epochs", "5", "--remat-chunk-length", "16"],
     ) == {
         "seed": 3,
         "epochs": 5,
-        "checkpoint_every": 16,
+        "remat_chunk_length": 16,
         "dataset": f"npz:{cwd / 'data' / 'toy.npz'}",
         "data_dir": str(cwd / "data"),
     }
     assert overrides("--dataset", "npz:~/toy.npz")["dataset"] == f"npz:{tmp_path}/home/toy.npz"
     assert overrides("--dataset", "uci_har")["dataset"] == "uci_har"
-    # --checkpoint-every must divide T: checked once, on the data, before any trial starts.
+    # --remat-chunk-length must divide T: checked once, on the data, before any trial starts.
     with pytest.raises(ConfigError, match="12 does not divide the sequence length T = 32 of toy"):
-        overrides("--dataset", "npz:data/toy.npz", "--checkpoint-every", "12")
-    argv = ["--space", "round2", "--dataset", "npz:data/absent.npz", "--checkpoint-every", "8"]
+        overrides("--dataset", "npz:data/toy.npz", "--remat-chunk-length", "12")
+    argv = ["--space", "round2", "--dataset", "npz:data/absent.npz", "--remat-chunk-length", "8"]
     assert sweep.main(argv) == 2
     assert "absent.npz" in capsys.readouterr().err
 

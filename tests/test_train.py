@@ -19,12 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from experiments import evaluate, report
+from experiments import evaluate, report, steps
 from experiments import train as train_module
 from experiments.checkpoints import CheckpointStore, verify_step
-from experiments.train import ConfigError, NonFiniteLossError, TrainConfig
+from experiments.config import ConfigError, TrainConfig
+from experiments.train import NonFiniteLossError
+from larnn_jax import BNLSTMCell, LARNNCell
+from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES
 from larnn_jax.data import Dataset, Split
+from larnn_jax.normalization import NORM_KINDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = 3
@@ -226,7 +231,7 @@ def test_epoch_selection_and_report_without_validation_split() -> None:
 
 def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
     """Rows with a non-finite logit or one beyond DIVERGED_LOGIT, through the evaluator too."""
-    bound = train_module.DIVERGED_LOGIT
+    bound = steps.DIVERGED_LOGIT
     logits = np.array(
         [
             [0.5, -3.0, 20.0],  # finite and small
@@ -241,7 +246,7 @@ def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
         np.float32,
     )
     expected = [False, False, True, True, True, True, True, True]
-    assert np.asarray(train_module.diverged_rows(jnp.asarray(logits))).tolist() == expected
+    assert np.asarray(steps.diverged_rows(jnp.asarray(logits))).tolist() == expected
 
     class Echo:
         """A stand-in model whose logits ``(B, C)`` are its inputs ``(B, 1, C)``."""
@@ -251,7 +256,7 @@ def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
 
     split = Split(logits[:, None, :], np.zeros(len(logits), np.int32), None)
     # Batches of 3: the last one is padded with a row of zeros, which is not counted.
-    result = train_module.make_evaluator(Echo(), batch_size=3)({}, split)
+    result = steps.make_evaluator(Echo(), batch_size=3)({}, split)
     assert result.diverged == 6
     assert result.loss is None  # non-finite: rows with inf and NaN logits
     assert result.predictions.shape == (8,)
@@ -292,20 +297,20 @@ def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
     assert train_module.main(["--config", str(path)]) == 2
 
 
-def test_checkpoint_every_reaches_the_model_and_is_checked(
+def test_remat_chunk_length_reaches_the_model_and_is_checked(
     data: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    config, _ = train_module.config_from_args(["--checkpoint-every", "5"])
-    assert config.checkpoint_every == 5
-    assert train_module.build_model(config, CLASSES).checkpoint_every == 5
-    assert train_module.build_model(TrainConfig(), CLASSES).checkpoint_every is None
-    with pytest.raises(ConfigError, match="checkpoint_every must be >= 1"):
-        TrainConfig(checkpoint_every=0)
+    config, _ = train_module.config_from_args(["--remat-chunk-length", "5"])
+    assert config.remat_chunk_length == 5
+    assert steps.build_model(config, CLASSES).remat_chunk_length == 5
+    assert steps.build_model(TrainConfig(), CLASSES).remat_chunk_length is None
+    with pytest.raises(ConfigError, match="remat_chunk_length must be >= 1"):
+        TrainConfig(remat_chunk_length=0)
     out = tmp_path / "run"
     with pytest.raises(
-        ConfigError, match="checkpoint_every 3 does not divide the sequence length T = 10"
+        ConfigError, match="remat_chunk_length 3 does not divide the sequence length T = 10"
     ):
-        train_module.train(tiny_config(data, out, checkpoint_every=3))
+        train_module.train(tiny_config(data, out, remat_chunk_length=3))
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -318,11 +323,11 @@ def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
     saved = json.loads((out / "config.json").read_text())
     monkeypatch.chdir(tmp_path)  # relative paths, resolved against it
     config = TrainConfig.from_dict(
-        {**saved, "checkpoint_every": 5, "out": "run", "data_dir": "~/har"}
+        {**saved, "remat_chunk_length": 5, "out": "run", "data_dir": "~/har"}
     )
     train_module.train(config, resume=True)
     stored = json.loads((out / "config.json").read_text())
-    assert stored["checkpoint_every"] == 5
+    assert stored["remat_chunk_length"] == 5
     assert stored["out"] == str(out.absolute())
     assert stored["data_dir"] == str(pathlib.Path.home() / "har")
     resumed = read_lines(out / "metrics.jsonl")
@@ -350,6 +355,93 @@ def test_runs_saved_before_cell_norm_placement_keep_the_papers_placement(
         train_module.train(config, resume=True)
 
 
+def test_runs_saved_with_checkpoint_every_resume_and_evaluate(
+    data: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run saved when ``remat_chunk_length`` was called ``checkpoint_every`` (in config.json
+    and in its checkpoints' metadata) evaluates and resumes; a ``--config`` file with the old
+    key is refused with the new name."""
+    out = tmp_path / "old_run"
+    config = tiny_config(data, out, model="bnlstm", layers=1, epochs=1, remat_chunk_length=5)
+
+    def with_old_names(self: TrainConfig) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["checkpoint_every"] = values.pop("remat_chunk_length")
+        return values
+
+    with monkeypatch.context() as old_version:
+        old_version.setattr(TrainConfig, "to_dict", with_old_names)
+        train_module.train(config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["checkpoint_every"] == 5 and "remat_chunk_length" not in saved
+    assert TrainConfig.from_saved(saved).remat_chunk_length == 5
+
+    evaluation = evaluate.evaluate_checkpoint(out)
+    assert evaluation["epoch"] == 1
+    assert evaluation["test"]["accuracy"] == read_lines(out / "metrics.jsonl")[0]["test_accuracy"]
+    train_module.train(dataclasses.replace(config, epochs=2), resume=True)
+    assert [line["epoch"] for line in read_lines(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["remat_chunk_length"] == 5
+
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"hidden": 16, "checkpoint_every": 8}))
+    with pytest.raises(
+        ConfigError, match="checkpoint_every was renamed: use remat_chunk_length instead"
+    ):
+        train_module.config_from_args(["--config", str(path)])
+    assert train_module.main(["--config", str(path)]) == 2
+
+
+def test_the_configuration_builds_the_cell_and_the_model() -> None:
+    """``build_cell`` makes the cell of ``model`` with every setting; ``build_model`` puts it in
+    the classifier, with the fused scan unless ``remat_chunk_length`` asks for chunks."""
+    config = TrainConfig(
+        hidden=12, heads=3, window=5, mode="layer", positional_encoding=True, norm="layer"
+    )
+    cell = config.build_cell()
+    assert isinstance(cell, LARNNCell)
+    assert (cell.features, cell.num_heads, cell.window_size, cell.mode) == (12, 3, 5, "layer")
+    assert cell.use_positional_encoding and cell.activation_on_keys_and_values
+    assert (cell.norm, cell.cell_norm_placement) == ("layer", "output")
+    assert (cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate) == (
+        config.dropout,
+        config.kv_dropout,
+        config.attention_dropout,
+    )
+    bnlstm = dataclasses.replace(config, model="bnlstm", cell_norm_placement="carried").build_cell()
+    assert isinstance(bnlstm, BNLSTMCell)
+    assert (bnlstm.features, bnlstm.norm, bnlstm.cell_norm_placement) == (12, "layer", "carried")
+    assert bnlstm.dropout_rate == config.dropout
+    lstm = dataclasses.replace(config, model="lstm").build_cell()
+    assert type(lstm) is nn.LSTMCell and lstm.features == 12
+
+    model = steps.build_model(config, CLASSES)
+    assert model.cell == cell and model.num_classes == CLASSES
+    assert (model.num_layers, model.residual_stacking) == (config.layers, True)
+    assert (model.scan, model.remat_chunk_length) == ("fused", None)
+    remat = steps.build_model(dataclasses.replace(config, remat_chunk_length=4), CLASSES)
+    assert (remat.scan, remat.remat_chunk_length) == ("remat", 4)
+
+    choices = {field.name: field.metadata.get("choices") for field in dataclasses.fields(config)}
+    assert choices["mode"] is MODES and choices["norm"] is NORM_KINDS
+    assert choices["cell_norm_placement"] is CELL_NORM_PLACEMENTS
+
+
+def test_train_step_donates_the_state() -> None:
+    """The jitted step reuses the buffers of the state it is given (which is then deleted)."""
+    config = TrainConfig(model="lstm", hidden=4, layers=1)
+    model = steps.build_model(config, CLASSES)
+    tx = steps.make_optimizer(config, steps_per_epoch=1)
+    x = jnp.ones((2, 3, 5))
+    state = steps.init_state(model, tx, x, seed=0)
+    new_state, loss, _ = steps.make_train_step(model, tx)(
+        state, x, jnp.array([0, 1]), jnp.array([0, 1]), 0
+    )
+    assert np.isfinite(float(loss))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))
+
+
 def test_invalid_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="multiple of heads"):
         TrainConfig(hidden=10, heads=3)
@@ -363,7 +455,7 @@ def test_optimizer_is_pytorch_adam_with_l2_in_the_gradient() -> None:
     """Three steps against PyTorch Adam's update rule with weight_decay, written out in NumPy."""
     config = TrainConfig(learning_rate=0.1, l2=0.01, decay_every=1, decay_factor=0.5)
     steps_per_epoch = 2
-    tx = train_module.make_optimizer(config, steps_per_epoch)
+    tx = steps.make_optimizer(config, steps_per_epoch)
     theta = np.array([1.0, -2.0, 0.5], np.float32)
     params = jnp.asarray(theta)
     state = tx.init(params)
@@ -387,7 +479,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "run"
     shutil.copytree(finished_run["out"], out)
     before = (out / "checkpoints" / "4" / "state").stat()
-    monkeypatch.setattr(train_module, "per_example_loss", lambda logits, labels: logits[:, 0] / 0)
+    monkeypatch.setattr(steps, "per_example_loss", lambda logits, labels: logits[:, 0] / 0)
     config = TrainConfig.from_dict({**json.loads((out / "config.json").read_text()), "epochs": 6})
     config = dataclasses.replace(config, out=str(out))
     with pytest.raises(NonFiniteLossError, match="epoch 5, step 1") as error:
@@ -412,7 +504,7 @@ def test_diverged_evaluation_does_not_stop_the_run(
     def diverging_evaluator(model: Any, batch_size: int) -> Any:
         evaluate = make_evaluator(model, batch_size)
 
-        def every_row_diverges(variables: Any, split: Split) -> train_module.SplitResult:
+        def every_row_diverges(variables: Any, split: Split) -> steps.SplitResult:
             result = evaluate(variables, split)
             return dataclasses.replace(result, loss=None, diverged=len(split.y))
 

@@ -1,0 +1,404 @@
+"""The configuration of a training run: :class:`TrainConfig`, its files and its older forms.
+
+A run's settings are the fields of :class:`TrainConfig`; each field's metadata carries its
+command-line help (and ``choices``, taken from the library's own constants), so the command line
+of ``python -m experiments.train`` and the keys of ``--config`` files and ``config.json`` all come
+from here. :meth:`TrainConfig.build_cell` is the one place where the settings become a model's cell.
+
+Runs saved by earlier versions are read with :meth:`TrainConfig.from_saved`: a field they predate
+takes the value they used (:data:`SETTINGS_OF_OLDER_RUNS`), a field since renamed its new name
+(:data:`RENAMED_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import numbers
+import os
+import pathlib
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from flax import linen as nn
+
+from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
+from larnn_jax.data import Dataset, load_dataset
+from larnn_jax.normalization import NORM_KINDS
+
+#: The recurrent cells a run can train: the LARNN cell, the same cell without attention (the
+#: BN-LSTM) and Flax's plain LSTM cell.
+MODELS: tuple[str, ...] = ("larnn", "bnlstm", "lstm")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, or one that contradicts the run being resumed."""
+
+
+def _option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its command-line help (and ``choices``) in its metadata."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; defaults are the paper's best configuration (SPEC §4).
+
+    Field names are the keys of ``--config`` files and of ``config.json``; the command-line flag
+    of field ``some_name`` is ``--some-name`` (``--no-some-name`` for switches). Resuming a run
+    requires the same values for all fields except :data:`RUN_FIELDS`.
+    """
+
+    model: str = _option(
+        "larnn",
+        "recurrent cell: larnn (LSTM attending over its recent cell states), bnlstm (the same "
+        "cell without attention) or lstm (plain LSTM, no normalisation or dropout)",
+        choices=MODELS,
+    )
+    mode: str = _option(
+        "residual",
+        "how attention enters the gates (larnn): residual (separate weights for input, hidden "
+        "state and attention) or layer (one dense layer over their concatenation)",
+        choices=MODES,
+    )
+    hidden: int = _option(81, "hidden size H: units of every layer (a multiple of --heads)")
+    heads: int = _option(27, "attention heads (larnn)")
+    window: int = _option(
+        38, "attention window: number of most recent cell states attended over, in time steps"
+    )
+    layers: int = _option(3, "number of stacked recurrent layers")
+    residual_stacking: bool = _option(
+        True, "add each layer's output to its input sequence instead of replacing it"
+    )
+    positional_encoding: bool = _option(
+        False, "concatenate a positional encoding to each window entry (larnn)"
+    )
+    kv_activation: bool = _option(True, "apply BN∘elu to attention keys and values (larnn)")
+    norm: str = _option(
+        "batch",
+        "normalisation inside the cells (larnn, bnlstm)",
+        choices=NORM_KINDS,
+    )
+    cell_norm_placement: str = _option(
+        "output",
+        "where the cell state's norm BN_c sits (larnn, bnlstm): output (c_t carried "
+        "unnormalised, h_t = BN_h(o * elu(BN_c(c_t))); stable) or carried (the paper's "
+        "c_t = BN_c(f * c_{t-1} + i * g), carried; its evaluation diverges on some sequences)",
+        choices=CELL_NORM_PLACEMENTS,
+    )
+    dropout: float = _option(0.0889, "dropout probability on each layer's output h_t")
+    kv_dropout: float = _option(0.1, "dropout probability on window entries (larnn)")
+    attention_dropout: float = _option(0.1, "dropout probability on attention weights (larnn)")
+    learning_rate: float = _option(0.006026, "Adam's initial learning rate (per step)")
+    l2: float = _option(
+        0.00065,
+        "L2 coefficient: l2 × weight is added to the gradient before Adam, like PyTorch Adam's "
+        "weight_decay",
+    )
+    decay_every: int = _option(
+        26, "multiply the learning rate by --decay-factor every this many epochs (staircase)"
+    )
+    decay_factor: float = _option(0.75, "learning-rate decay factor")
+    epochs: int = _option(100, "number of epochs (passes over the training rows)")
+    batch_size: int = _option(
+        256,
+        "rows per training step, the last incomplete batch of each epoch being dropped; also "
+        "the evaluation batch size",
+    )
+    remat_chunk_length: int | None = _option(
+        None,
+        "rematerialise the training scans in chunks of N time steps: about 10-20 percent more "
+        "time for much less memory; N must divide the sequence length (default: off)",
+    )
+    seed: int = _option(
+        0,
+        "random seed of initialisation, validation split, shuffling (per epoch) and dropout "
+        "(per step)",
+    )
+    dataset: str = _option(
+        "uci_har",
+        "uci_har, or npz:PATH for a .npz file with X_train (N,T,C), y_train (N,), X_test, "
+        "y_test and optionally X_val, y_val, subjects_train",
+        metavar="SPEC",
+    )
+    data_dir: str | None = _option(
+        None,
+        "folder that holds (or receives) 'UCI HAR Dataset/' (default: $LARNN_DATA_DIR, else "
+        "the user cache folder)",
+        metavar="DIR",
+    )
+    validation_subjects: int = _option(
+        4, "whole training subjects held out for validation when subject ids are known; 0: none"
+    )
+    validation_fraction: float = _option(
+        0.2,
+        "fraction of training rows held out for validation when subject ids are unknown (npz "
+        "without X_val); 0: none",
+    )
+    standardize: bool = _option(
+        True, "standardise every channel with the training rows' mean and standard deviation"
+    )
+    out: str | None = _option(
+        None,
+        "run folder for config, metrics, checkpoints, report and figures (default: "
+        "runs/<date>-<time>-<model>)",
+        metavar="DIR",
+    )
+    progress: bool = _option(True, "show a progress bar per epoch (on a terminal only)")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = _checked_value(field.name, getattr(self, field.name), hints[field.name])
+            object.__setattr__(self, field.name, value)  # e.g. numpy.int64 → int
+            choices = field.metadata.get("choices")
+            if choices is not None and getattr(self, field.name) not in choices:
+                raise ConfigError(
+                    f"{field.name} must be one of {', '.join(choices)}; got "
+                    f"{getattr(self, field.name)!r}"
+                )
+        positive = ("hidden", "heads", "window", "layers", "decay_every", "epochs", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("dropout", "kv_dropout", "attention_dropout", "validation_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.l2 < 0 or not 0 < self.decay_factor <= 1:
+            raise ConfigError(
+                "need learning_rate > 0, l2 >= 0 and 0 < decay_factor <= 1; got "
+                f"{self.learning_rate}, {self.l2}, {self.decay_factor}"
+            )
+        if self.remat_chunk_length is not None and self.remat_chunk_length < 1:
+            raise ConfigError(
+                f"remat_chunk_length must be >= 1 (or null: off); got {self.remat_chunk_length}"
+            )
+        if self.validation_subjects < 0:
+            raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
+        if self.model == "larnn" and self.hidden % self.heads:
+            raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a dict of field values (missing fields take their defaults).
+
+        Raises:
+            ConfigError: unknown keys, or invalid values.
+        """
+        _check_keys(values)
+        return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config of a saved run (``config.json``, a checkpoint's metadata): as
+        :meth:`from_dict`, but a field the run predates takes the value the run used
+        (:data:`SETTINGS_OF_OLDER_RUNS`), not today's default, and a field since renamed is read
+        under its new name (:data:`RENAMED_FIELDS`)."""
+        return cls.from_dict(with_settings_of_older_runs(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, JSON-serialisable."""
+        return dataclasses.asdict(self)
+
+    def build_cell(self) -> nn.RNNCellBase:
+        """The recurrent cell of :attr:`model` with this configuration's settings (every layer
+        of the classifier copies it): ``nn.LSTMCell``, :class:`~larnn_jax.BNLSTMCell` or
+        :class:`~larnn_jax.LARNNCell`."""
+        if self.model == "lstm":
+            return nn.LSTMCell(self.hidden)
+        if self.model == "bnlstm":
+            return BNLSTMCell(
+                self.hidden,
+                norm=self.norm,
+                cell_norm_placement=self.cell_norm_placement,
+                dropout_rate=self.dropout,
+            )
+        return LARNNCell(
+            self.hidden,
+            num_heads=self.heads,
+            window_size=self.window,
+            mode=self.mode,
+            use_positional_encoding=self.positional_encoding,
+            activation_on_keys_and_values=self.kv_activation,
+            norm=self.norm,
+            cell_norm_placement=self.cell_norm_placement,
+            dropout_rate=self.dropout,
+            kv_dropout_rate=self.kv_dropout,
+            attention_dropout_rate=self.attention_dropout,
+        )
+
+
+#: Fields that may differ when a run is resumed: they change where things go, how long the run is
+#: or how much memory it takes, not what any completed epoch computes. (With dropout, changing
+#: remat_chunk_length changes which dropout masks later epochs draw, not their distribution.)
+RUN_FIELDS = frozenset({"epochs", "remat_chunk_length", "data_dir", "out", "progress"})
+
+
+#: Fields added after runs had been saved without them, with the value those runs used.
+SETTINGS_OF_OLDER_RUNS: dict[str, Any] = {"cell_norm_placement": "carried"}
+
+#: Fields renamed after runs had been saved with them: old name → today's name.
+RENAMED_FIELDS: dict[str, str] = {"checkpoint_every": "remat_chunk_length"}
+
+
+def with_current_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every field that has since been renamed under its new name."""
+    return {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
+
+
+def with_settings_of_older_runs(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved configuration with today's field names, and the fields it predates filled in as
+    that run used them."""
+    return {**SETTINGS_OF_OLDER_RUNS, **with_current_names(saved)}
+
+
+def _check_keys(values: Mapping[str, Any]) -> None:
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    renamed = [
+        f"{name} was renamed: use {RENAMED_FIELDS[name]} instead"
+        for name in unknown
+        if name in RENAMED_FIELDS
+    ]
+    if renamed:
+        raise ConfigError("config key " + "; ".join(renamed))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+
+
+def _field_types(annotation: Any) -> tuple[Any, ...]:
+    """The types a field annotation admits: ``str | None`` → ``(str, NoneType)``."""
+    return tuple(typing.get_args(annotation)) or (annotation,)
+
+
+def _checked_value(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the plain Python type of the field, or ConfigError if it is not one.
+
+    Any integer (numpy's too, as sweeps produce) is accepted for int fields, any real number for
+    float fields; a bool is accepted only where a bool is expected.
+    """
+    allowed = _field_types(annotation)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif int in allowed and isinstance(value, numbers.Integral):
+        return int(value)
+    elif float in allowed and isinstance(value, numbers.Real):
+        return float(value)
+    elif str in allowed and isinstance(value, str):
+        return value
+    expected = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+    raise ConfigError(f"{name} must be {expected}; got {value!r}")
+
+
+def load_config_file(path: os.PathLike | str) -> dict[str, Any]:
+    """Reads a JSON object of TrainConfig fields and checks its keys (not yet its values).
+
+    Raises:
+        ConfigError: the file is unreadable, not a JSON object, or has unknown keys.
+    """
+    try:
+        values = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of TrainConfig fields")
+    try:
+        _check_keys(values)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    return values
+
+
+def load_config_dataset(config: TrainConfig) -> Dataset:
+    """The dataset ``config`` names, split and standardised as its settings say."""
+    return load_dataset(
+        config.dataset,
+        config.data_dir,
+        validation_subjects=config.validation_subjects,
+        validation_fraction=config.validation_fraction,
+        standardize=config.standardize,
+        seed=config.seed,
+    )
+
+
+def check_remat_chunk_length(remat_chunk_length: int | None, dataset: Dataset) -> None:
+    """Raises :class:`ConfigError` unless ``remat_chunk_length`` is off or divides the dataset's
+    sequence length ``T`` (the rematerialised scan runs in chunks of that many steps)."""
+    steps = dataset.train.x.shape[1]
+    if remat_chunk_length is not None and steps % remat_chunk_length:
+        raise ConfigError(
+            f"remat_chunk_length {remat_chunk_length} does not divide the sequence length "
+            f"T = {steps} of {dataset.name}"
+        )
+
+
+def absolute_path(path: str | os.PathLike[str]) -> str:
+    """``path`` absolute, ``~`` expanded: what config.json and sweep trials store, so that a run
+    resumed or evaluated, or a trial run, in another working directory finds it."""
+    return str(pathlib.Path(path).expanduser().absolute())
+
+
+def absolute_dataset_spec(spec: str) -> str:
+    """``npz:PATH`` with PATH made :func:`absolute_path`; other specs as they are."""
+    if spec.startswith("npz:"):
+        return "npz:" + absolute_path(spec.removeprefix("npz:"))
+    return spec
+
+
+def check_same_config(saved: dict[str, Any], config: TrainConfig, where: pathlib.Path) -> None:
+    """Raises ConfigError naming every field (outside :data:`RUN_FIELDS`) in which ``config``
+    differs from the saved configuration of the run in ``where`` (read as
+    :meth:`TrainConfig.from_saved` reads it)."""
+    saved = with_settings_of_older_runs(saved)
+    current = config.to_dict()
+    differences = [
+        f"{name}: {saved.get(name, '<absent>')!r} in the run, {current.get(name, '<absent>')!r} now"
+        for name in sorted(set(saved) | set(current))
+        if name not in RUN_FIELDS and saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"cannot resume {where}: its configuration differs in "
+            + "; ".join(differences)
+            + " (start a new run with another --out, or use the run's values)"
+        )
+
+
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def add_field_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per TrainConfig field to ``parser``: ``--some-name`` for field
+    ``some_name`` (``--some-name/--no-some-name`` for switches), with the field's help, default
+    and choices.
+
+    Every flag defaults to "not given" (absent from the parsed namespace), so that flags can
+    override the values of a ``--config`` file, which override the TrainConfig defaults.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        shown = "on" if default is True else "off" if default is False else default
+        options: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            # A None default is explained by the help text itself.
+            "help": field.metadata["help"] + ("" if default is None else f" (default: {shown})"),
+        }
+        if hints[field.name] is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            kind = next(t for t in (int, float, str) if t in _field_types(hints[field.name]))
+            options["type"] = kind
+            options["choices"] = field.metadata.get("choices")
+            if options["choices"] is None:
+                options["metavar"] = field.metadata.get("metavar", _METAVARS[kind])
+        parser.add_argument(flag, **options)

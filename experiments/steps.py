@@ -1,0 +1,232 @@
+"""The model, the optimiser and the jitted steps of a training run, built from its configuration.
+
+* :func:`build_model`: the classifier of a :class:`~experiments.config.TrainConfig`;
+* :func:`make_optimizer`: Adam with L2 in the gradient and a staircase learning rate;
+* :func:`init_state` and :func:`make_train_step`: the training state and one training step
+  (forward, backward, update), which donates the state it is given;
+* :func:`make_evaluator`: evaluation of a whole split, counting the rows whose logits diverged.
+
+The benchmarks (``benchmarks/common.py``) time these same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.config import TrainConfig
+from larnn_jax.data import Split
+from larnn_jax.models import SequenceClassifier
+
+PyTree = Any
+
+
+def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
+    """The classifier that ``config`` describes, for ``num_classes`` classes.
+
+    Its cell is :meth:`TrainConfig.build_cell`; the layers scan with the library's default
+    (``scan='fused'``), or in rematerialised chunks (``scan='remat'``) when
+    ``remat_chunk_length`` is set.
+    """
+    return SequenceClassifier(
+        num_classes,
+        config.build_cell(),
+        num_layers=config.layers,
+        residual_stacking=config.residual_stacking,
+        scan="fused" if config.remat_chunk_length is None else "remat",
+        remat_chunk_length=config.remat_chunk_length,
+    )
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Step → learning rate: ``learning_rate × decay_factor ** (epochs done // decay_every)``."""
+    return optax.exponential_decay(
+        init_value=config.learning_rate,
+        transition_steps=config.decay_every * steps_per_epoch,
+        decay_rate=config.decay_factor,
+        staircase=True,
+    )
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam with L2 added to the gradient first (PyTorch ``Adam(weight_decay=l2)``), staircase lr.
+
+    Per step: ``g ← g + l2·θ``; Adam moments of that ``g`` (β = 0.9, 0.999, ε = 1e-8 outside the
+    square root, bias-corrected); ``θ ← θ − lr(step) · m̂ / (√v̂ + ε)``.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(config.l2),
+        optax.scale_by_adam(),
+        optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)),
+    )
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy ``(B,)`` of logits ``(B, C)`` against integer labels ``(B,)``."""
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def init_state(
+    model: SequenceClassifier, tx: optax.GradientTransformation, sample: jax.Array, seed: int
+) -> dict[str, PyTree]:
+    """The training state before the first step.
+
+    Args:
+        model: the classifier.
+        tx: the optimiser.
+        sample: an input batch ``(B, T, C)`` (only its shape and dtype matter).
+        seed: the run's seed.
+
+    Returns:
+        ``{"params", "batch_stats" ({} for models without), "opt_state", "rng"}``, where ``rng``
+        is the raw data (``uint32``) of the key from which every step's dropout key is derived.
+    """
+    params_key, init_dropout_key, rng = jax.random.split(jax.random.key(seed), 3)
+
+    @jax.jit
+    def init(x: jax.Array) -> dict[str, PyTree]:
+        variables = model.init(
+            {"params": params_key, "dropout": init_dropout_key}, x, deterministic=True
+        )
+        params = variables["params"]
+        return {
+            "params": params,
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(rng),
+        }
+
+    return init(sample)
+
+
+def make_train_step(
+    model: SequenceClassifier, tx: optax.GradientTransformation
+) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
+    """A jitted ``train_step(state, x_all, y_all, rows, step) -> (state, loss, accuracy)``.
+
+    ``x_all (N, T, C)`` and ``y_all (N,)`` are the training rows (on the device), ``rows (B,)``
+    the indices of this batch, ``step`` the global step number (from 0): the dropout key is
+    ``fold_in(state["rng"], step)``. ``loss`` and ``accuracy`` are the batch means.
+
+    The step donates ``state``: its buffers hold the new state, and the ``state`` passed in
+    must not be used again (use the one returned).
+    """
+
+    def loss_fn(
+        params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, tuple[PyTree, jax.Array]]:
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            deterministic=False,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
+        return per_example_loss(logits, y).mean(), (updates.get("batch_stats", {}), accuracy)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(
+        state: dict[str, PyTree], x_all: jax.Array, y_all: jax.Array, rows: jax.Array, step: int
+    ) -> tuple[dict[str, PyTree], jax.Array, jax.Array]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (batch_stats, accuracy)), grads = grad_fn(
+            state["params"], state["batch_stats"], x_all[rows], y_all[rows], key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {**state, "params": params, "batch_stats": batch_stats}
+        return {**new_state, "opt_state": opt_state}, loss, accuracy
+
+    return train_step
+
+
+#: A row whose largest |logit| exceeds this has diverged. A softmax is saturated long before
+#: that; such rows come from an unstable evaluation-mode recurrence (hidden states growing
+#: exponentially over time with batch norm's running averages), not from confident predictions.
+DIVERGED_LOGIT = 1e3
+
+
+def diverged_rows(logits: jax.Array) -> jax.Array:
+    """Whether each row of ``logits`` ``(B, C)`` diverged ``(B,)``: a non-finite logit, or one
+    beyond :data:`DIVERGED_LOGIT` in magnitude."""
+    # NaN compares false, so a NaN row is not "all within bounds" either.
+    return ~jnp.all(jnp.abs(logits) <= DIVERGED_LOGIT, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitResult:
+    """Evaluation of one split.
+
+    Attributes:
+        loss: mean cross-entropy; None when it is not finite (rows that diverged to
+            non-finite logits; the accuracy and predictions are still meaningful).
+        accuracy: fraction of rows predicted correctly.
+        predictions: the predicted class of every row ``(N,)``.
+        diverged: number of rows whose logits diverged (see :func:`diverged_rows`).
+    """
+
+    loss: float | None
+    accuracy: float
+    predictions: np.ndarray
+    diverged: int
+
+
+def make_evaluator(
+    model: SequenceClassifier, batch_size: int
+) -> Callable[[PyTree, Split], SplitResult]:
+    """``evaluate(variables, split) -> SplitResult`` in evaluation mode, over all rows.
+
+    Rows go through in batches of ``batch_size``; the last batch is padded with zeros and the
+    padding masked out (evaluation mode does not mix rows, so padding changes nothing).
+    """
+
+    @jax.jit
+    def eval_batch(
+        variables: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Loss sum, predictions ``(B,)`` and diverged-row count of the rows ``mask`` keeps."""
+        logits = model.apply(variables, x, deterministic=True)
+        return (
+            jnp.sum(jnp.where(mask > 0, per_example_loss(logits, y), 0.0)),
+            jnp.argmax(logits, axis=-1),
+            jnp.sum(diverged_rows(logits) & (mask > 0)),
+        )
+
+    def evaluate(variables: PyTree, split: Split) -> SplitResult:
+        rows = len(split.y)
+        padded = math.ceil(rows / batch_size) * batch_size
+        x = np.zeros((padded, *split.x.shape[1:]), split.x.dtype)
+        x[:rows] = split.x
+        y = np.zeros(padded, np.int32)
+        y[:rows] = split.y
+        mask = (np.arange(padded) < rows).astype(np.float32)
+        loss_sum, predictions, diverged = 0.0, [], 0
+        for start in range(0, padded, batch_size):
+            batch = slice(start, start + batch_size)
+            batch_loss, batch_predictions, batch_diverged = eval_batch(
+                variables, x[batch], y[batch], mask[batch]
+            )
+            loss_sum += float(batch_loss)
+            predictions.append(np.asarray(batch_predictions))
+            diverged += int(batch_diverged)
+        predicted = np.concatenate(predictions)[:rows]
+        accuracy = float(np.mean(predicted == split.y))
+        loss = loss_sum / rows
+        return SplitResult(loss if math.isfinite(loss) else None, accuracy, predicted, diverged)
+
+    return evaluate
+
+
+def model_variables(state: dict[str, PyTree]) -> PyTree:
+    """The Flax variables (params and batch statistics) of a training state."""
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
