@@ -48,7 +48,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
 
 _PAPER_CONFIG = TrainConfig()
-# The paper's UCI HAR configuration (SPEC §4): 9 inertial channels x 128 steps, 6 classes, and
+# The paper's UCI HAR configuration (docs/model.md §5): 9 inertial channels x 128 steps, 6 classes, and
 # the training's defaults (its best hyperparameters).
 PAPER = {
     "batch": _PAPER_CONFIG.batch_size,
@@ -389,7 +389,7 @@ def default_remat_chunk_length(steps: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """A classifier (SPEC §3) and the batch it trains on; the unit every benchmark measures.
+    """A classifier (docs/model.md §3) and the batch it trains on; the unit every benchmark measures.
 
     The model is the training's (:func:`experiments.steps.build_model`) for the
     :class:`~experiments.config.TrainConfig` of :meth:`config`: the paper's configuration (the

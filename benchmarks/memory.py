@@ -1,6 +1,6 @@
 """Peak memory of one training step on long sequences (default T = 4096, batch 32, paper widths).
 
-For each model, the classifier of SPEC §3 (3 layers, residual stacking) and the training's own
+For each model, the classifier of docs/model.md §3 (3 layers, residual stacking) and the training's own
 step (forward, backward, optimiser update; :class:`benchmarks.common.TrainingBench`):
 
 * XLA's compiled memory analysis: arguments + outputs + temporaries (deterministic; no memory is

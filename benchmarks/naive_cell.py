@@ -2,7 +2,7 @@
 
 :class:`NaiveLARNNCell` is :class:`larnn_jax.LARNNCell` (same attributes, same submodules, same
 parameter tree and variable names, so ``LARNNCell``'s variables apply to it unchanged) with the
-window handled as SPEC §1 writes it, without any of SPEC §2's savings:
+window handled as docs/model.md §1 writes it, without any of §2's savings:
 
 * the window holds the raw (key/value-dropped) cell states, ``(B, k, H)``;
 * every step re-projects all ``k`` entries to keys and values (adding the projected positional
@@ -11,7 +11,7 @@ window handled as SPEC §1 writes it, without any of SPEC §2's savings:
   the output and taking the statistics from carried sums.
 
 Everything else is the library's own, inherited: the query, the attention and its per-head sums
-(SPEC §2b), the dropout, the gates and the LSTM update. A timing comparison with ``LARNNCell``
+(docs/model.md §2), the dropout, the gates and the LSTM update. A timing comparison with ``LARNNCell``
 therefore measures the window handling alone.
 
 The library's fused scan (``LARNNLayer(scan='fused')``) runs ``LARNNCell``'s own window, so the

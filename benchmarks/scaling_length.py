@@ -6,7 +6,7 @@ with the same step, the training's own (forward, backward, optimiser update; see
 makes the loss depend on every step's output (with only the last step, XLA could skip all but
 the last query of the attention). Blocks:
 
-* ``larnn``: ``--layers`` LARNN layers (default one) with residual stacking (SPEC §3), the
+* ``larnn``: ``--layers`` LARNN layers (default one) with residual stacking (docs/model.md §3), the
   library's default fused scan;
 * ``larnn_remat``: the same with ``scan='remat'``, the training scan rematerialised in chunks of
   ``N`` steps (``remat_chunk_length``), ``N`` the divisor of ``T`` nearest ``sqrt(T)``;

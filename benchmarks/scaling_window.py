@@ -1,8 +1,8 @@
 """Training-step time and memory of LARNN against the window size k: cached versus naive cell.
 
-The classifier of SPEC §3 (``--layers`` LARNN layers, residual stacking) at ``T = 128``, for
+The classifier of docs/model.md §3 (``--layers`` LARNN layers, residual stacking) at ``T = 128``, for
 ``k = 1, 2, 4, …, 128``, with :class:`larnn_jax.LARNNCell` (``larnn``: entries projected once,
-normalisation folded into the query and output, SPEC §2) and with
+normalisation folded into the query and output, docs/model.md §2) and with
 :class:`benchmarks.naive_cell.NaiveLARNNCell` (``larnn_naive``: every step re-projects and
 re-normalises the whole window). Both run the same step (forward, backward, Adam) on the same
 batch, timed in turns at each ``k``; a series stops at the memory or time budget.

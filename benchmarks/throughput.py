@@ -1,7 +1,7 @@
 """Training and inference throughput at the paper's configuration, against Flax's LSTM.
 
 One training step is the training's own jitted step (forward, backward, optimiser update of
-the whole classifier, SPEC §3; see :class:`benchmarks.common.TrainingBench`); inference is the
+the whole classifier, docs/model.md §3; see :class:`benchmarks.common.TrainingBench`); inference is the
 evaluation-mode forward pass. Models (:data:`benchmarks.common.BLOCKS`): LARNN (the library's
 default fused scan), LARNN with rematerialised training scans (``larnn_remat``:
 ``scan='remat'``, chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest ``sqrt(T)`` unless

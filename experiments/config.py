@@ -44,7 +44,7 @@ def _option(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run; defaults are the paper's best configuration (SPEC §4).
+    """Every setting of a training run; defaults are the paper's best configuration (docs/model.md §5).
 
     Field names are the keys of ``--config`` files and of ``config.json``; the command-line flag
     of field ``some_name`` is ``--some-name`` (``--no-some-name`` for switches). Resuming a run

@@ -1,4 +1,4 @@
-"""Draws the LARNN positional encoding (SPEC §1) like the paper's Fig. 4.
+"""Draws the LARNN positional encoding (docs/model.md §1) like the paper's Fig. 4.
 
 python -m experiments.plot_positional_encoding --window 128 --out docs/positional_encoding.png
 """

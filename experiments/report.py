@@ -1,6 +1,6 @@
 """Figures of a training run: test metrics, the final JSON report and plots.
 
-Epoch selection, the honest protocol (SPEC §4): the epoch with the highest validation accuracy
+Epoch selection, the honest protocol (docs/model.md §5): the epoch with the highest validation accuracy
 (the latest of equal ones); without a validation split, the last epoch. The report's test
 figures are those of the model of that epoch, evaluated once. The best test accuracy over all
 epochs, the paper's (optimistic) protocol, is reported separately and labelled as such.

@@ -1,4 +1,4 @@
-"""The paper's hyperparameter search spaces (SPEC §4) as hyperopt spaces, and their trial configs.
+"""The paper's hyperparameter search spaces (docs/model.md §5) as hyperopt spaces, and their trial configs.
 
 The paper writes a log-uniform draw around a centre as ``c·loguniform(-s, s)``, meaning
 ``c·exp(U(-s, s))``: a value between ``c·e^-s`` and ``c·e^s`` whose logarithm is uniform. In
@@ -124,7 +124,7 @@ class SearchSpace:
         return {**self.settings(overrides), **self.sampled}
 
 
-#: Round 1 (diffuse), SPEC §4.
+#: Round 1 (diffuse), docs/model.md §5.
 ROUND_1 = SearchSpace(
     name="round1",
     sampled={
@@ -144,7 +144,7 @@ ROUND_1 = SearchSpace(
     fixed={"model": "larnn", "epochs": 25, "batch_size": 256},
 )
 
-#: Round 2 (focused), SPEC §4.
+#: Round 2 (focused), docs/model.md §5.
 ROUND_2 = SearchSpace(
     name="round2",
     sampled={

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--space",
-        help="search space: round1, round2 (the paper's, SPEC §4) or MODULE:ATTRIBUTE naming a "
+        help="search space: round1, round2 (the paper's, docs/model.md §5) or MODULE:ATTRIBUTE naming a "
         "SearchSpace (required unless --resume)",
     )
     parser.add_argument("--num-samples", type=int, default=10, help="trials (default: 10)")

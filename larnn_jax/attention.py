@@ -14,7 +14,7 @@ import numpy as np
 
 
 def positional_encoding(window_size: int, dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
-    """The LARNN positional encoding of the window (SPEC §1), as in the paper's Fig. 4.
+    """The LARNN positional encoding of the window (docs/model.md §1), as in the paper's Fig. 4.
 
     Row ``p - 1`` encodes position ``p`` (1 = the most recent entry, ``k`` = the oldest). With
     ``b = ceil(log2(4k))``, a row is ``[cos(2πp/2^i) for i = 1..b] ++ [sin(2πp/2^i) for

@@ -1,6 +1,6 @@
 """Feature normalisation for the recurrent cells: batch, layer or none, with masking.
 
-The cells normalise small ``(..., F)`` tensors at every time step (SPEC §1): the gate
+The cells normalise small ``(..., F)`` tensors at every time step (docs/model.md §1): the gate
 pre-activation, the cell state, the output, the attention result, and - with masking - the
 window's keys and values. One module, :class:`FeatureNorm`, does all of it, so that every norm
 follows the same conventions:
@@ -88,7 +88,7 @@ class FeatureNorm(nn.Module):
         """Creates the parameters and statistics now (they are otherwise created on first use).
 
         Recurrent cells call this from ``initialize_carry`` so that the ``batch_stats`` collection
-        exists before a scan that carries it starts (SPEC §2b).
+        exists before a scan that carries it starts (docs/model.md §4).
         """
         if self.kind != "none":
             _ = self.scale
@@ -105,7 +105,7 @@ class FeatureNorm(nn.Module):
         """Batch norm as an affine map: ``BN(x) == x * scale + shift``.
 
         Lets a caller fold the normalisation into a neighbouring linear operation instead of
-        normalising ``x`` itself (the LARNN window, SPEC §2).
+        normalising ``x`` itself (the LARNN window, docs/model.md §2).
 
         Args:
           x: ``(..., F)`` the values whose statistics are taken.

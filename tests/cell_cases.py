@@ -1,6 +1,6 @@
 """Small ``LARNNCell`` configurations and random variables, shared by the comparison tests.
 
-``tests/test_exactness.py`` compares the cell with the float64 reference of SPEC §1 and
+``tests/test_exactness.py`` compares the cell with the float64 reference of docs/model.md §1 and
 ``tests/test_naive_cell.py`` with the benchmarks' naive cell; both run these cases.
 """
 

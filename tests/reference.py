@@ -1,4 +1,4 @@
-"""A naive float64 NumPy reference of the LARNN cell, written straight from SPEC §1.
+"""A naive float64 NumPy reference of the LARNN cell, written straight from docs/model.md §1.
 
 Nothing here is optimised: the window is a Python list of the raw cell states (newest first), and
 at every step every entry is concatenated with its positional encoding, projected to a key and a
@@ -41,7 +41,7 @@ Tree = Mapping[str, Any]
 
 
 def positional_encoding(window_size: int) -> np.ndarray:
-    """SPEC §1's positional encoding, computed term by term in float64.
+    """docs/model.md §1's positional encoding, computed term by term in float64.
 
     Args:
       window_size: ``k >= 1``.

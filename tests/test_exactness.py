@@ -344,7 +344,7 @@ def test_outputs_do_not_depend_on_the_future(train):
 @pytest.mark.parametrize(("k", "b"), [(1, 2), (5, 5), (38, 8), (128, 9)])
 def test_positional_encoding(k, b):
     """Shape ``(k, 2b)``, ``b = ceil(log2(4k))`` (exact at the power of two ``4k = 512``), and
-    the values of SPEC §1's formula to float32 rounding."""
+    the values of docs/model.md §1's formula to float32 rounding."""
     pe = positional_encoding(k)
     assert pe.shape == (k, 2 * b)
     assert pe.dtype == np.float32
