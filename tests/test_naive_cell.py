@@ -18,7 +18,6 @@ from cell_cases import CellCase, randomised
 
 from benchmarks.naive_cell import SCAN, NaiveCarry, NaiveLARNNCell, naive_twin
 from larnn_jax import LARNNCell, LARNNLayer
-from larnn_jax.attention import head_indicator
 
 RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
@@ -115,9 +114,3 @@ def test_twin_and_carry() -> None:
     assert carry.window.shape == (3, 3, 6)
     assert carry.h.shape == carry.c.shape == (3, 6)
     np.testing.assert_array_equal(carry.length, np.zeros(3))
-
-
-def test_head_membership() -> None:
-    """Column ``h`` marks the contiguous features of head ``h``."""
-    expected = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]])
-    np.testing.assert_array_equal(head_indicator(6, 3), expected)

@@ -1,0 +1,187 @@
+"""The README's results tables, generated from the run files committed under ``results/``.
+
+    python -m experiments.results_table                  # print the tables
+    python -m experiments.results_table --write README.md
+    python -m experiments.results_table --check README.md   # exit 1 if the README's tables differ
+
+Every run folder under ``--results`` (default ``results/uci_har``) that holds a ``report.json``,
+its ``config.json`` and ``metrics.jsonl`` is one row of the per-run table. Runs whose
+configurations differ only in the seed (and in where and how they ran: output folder, data
+folder, progress bar, rematerialisation) are one *variant*; the summary table gives, per variant,
+the mean ± sample standard deviation over its seeds of the honest test accuracy and weighted F1,
+and the mean of the optimistic figure (the paper's protocol: the best test accuracy over all
+epochs). In the README the tables sit between the markers ``<!-- results:start -->`` and
+``<!-- results:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.config import RUN_FIELDS, TrainConfig, with_settings_of_older_runs
+
+START_MARKER = "<!-- results:start -->"
+END_MARKER = "<!-- results:end -->"
+#: Fields that do not change what a run computes, besides the seed.
+NOT_PART_OF_A_VARIANT = RUN_FIELDS - {"epochs"} | {"seed"}
+MODEL_NAMES = {"larnn": "LARNN", "bnlstm": "BN-LSTM", "lstm": "LSTM (Flax)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the tables need of one run folder."""
+
+    name: str
+    config: dict[str, Any]
+    report: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def variant(self) -> str:
+        """The model and every setting that differs from the defaults, seed aside."""
+        defaults = TrainConfig().to_dict()
+        changes = [
+            f"{name}={value}"
+            for name, value in sorted(self.config.items())
+            if name not in NOT_PART_OF_A_VARIANT | {"model"} and value != defaults.get(name)
+        ]
+        return " ".join([MODEL_NAMES.get(self.config["model"], self.config["model"]), *changes])
+
+    def most_diverged(self, split: str) -> int | None:
+        """The largest number of ``split`` sequences that diverged in one epoch."""
+        counts = [line.get(f"{split}_diverged") for line in self.history]
+        return None if None in counts else max(counts)
+
+
+def load_runs(results: pathlib.Path) -> list[Run]:
+    """Every complete run folder below ``results``, sorted by variant, then seed."""
+    runs = []
+    for report_path in sorted(results.glob("**/report.json")):
+        folder = report_path.parent
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            history = [
+                json.loads(line)
+                for line in (folder / "metrics.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: incomplete run folder {folder}: {err}") from err
+        runs.append(
+            Run(
+                str(folder.relative_to(results)),
+                with_settings_of_older_runs(config),
+                json.loads(report_path.read_text()),
+                history,
+            )
+        )
+    return sorted(runs, key=lambda run: (run.variant, run.config["seed"], run.name))
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def runs_table(runs: Sequence[Run]) -> str:
+    """One line per run."""
+    lines = [
+        "| variant | run | seed | epochs | selected epoch | val acc | honest test acc "
+        "| weighted F1 | optimistic test acc (epoch) | most diverged val / test sequences in an "
+        "epoch | median s/epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        report = run.report
+        diverged = f"{run.most_diverged('val')} / {run.most_diverged('test')}"
+        lines.append(
+            f"| {run.variant} | `{run.name}` | {run.config['seed']} | {report['epochs']} "
+            f"| {report['selection']['epoch']} | {report['selection']['val_accuracy']:.4f} "
+            f"| **{report['test']['accuracy']:.4f}** | {report['test']['weighted_f1']:.4f} "
+            f"| {report['optimistic_protocol_best_test_accuracy']:.4f} "
+            f"({report['optimistic_protocol_best_test_epoch']}) | {diverged} "
+            f"| {report['seconds_per_epoch']['median']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """One line per variant: mean ± standard deviation over its seeds."""
+    lines = [
+        "| variant | seeds | honest test acc | weighted F1 | optimistic test acc (paper's "
+        "protocol) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    variants: dict[str, list[Run]] = {}
+    for run in runs:
+        variants.setdefault(run.variant, []).append(run)
+    for variant, members in variants.items():
+        lines.append(
+            f"| {variant} | {len(members)} "
+            f"| **{_mean_std([r.report['test']['accuracy'] for r in members])}** "
+            f"| {_mean_std([r.report['test']['weighted_f1'] for r in members])} "
+            f"| {_mean_std([r.report['optimistic_protocol_best_test_accuracy'] for r in members])}"
+            " |"
+        )
+    return "\n".join(lines)
+
+
+def tables(results: pathlib.Path) -> str:
+    """The summary and the per-run table, as the README holds them between the markers."""
+    runs = load_runs(results)
+    if not runs:
+        raise SystemExit(f"error: no run folder with a report.json under {results}")
+    return (
+        f"Summary by variant (generated by `python -m experiments.results_table` from "
+        f"`{results.as_posix()}/`):\n\n{summary_table(runs)}\n\nEvery run:\n\n{runs_table(runs)}"
+    )
+
+
+def replace_between_markers(text: str, content: str, where: str) -> str:
+    """``text`` with what lies between :data:`START_MARKER` and :data:`END_MARKER` replaced."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < start:
+        raise SystemExit(f"error: {where} has no {START_MARKER} … {END_MARKER} section")
+    return text[: start + len(START_MARKER)] + "\n" + content + "\n" + text[end:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.results_table", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--results", default="results/uci_har", help="folder of run folders (default: %(default)s)"
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", metavar="MARKDOWN", help="replace the tables in this file")
+    action.add_argument("--check", metavar="MARKDOWN", help="exit 1 if this file's tables differ")
+    args = parser.parse_args(argv)
+    content = tables(pathlib.Path(args.results))
+    if args.write or args.check:
+        path = pathlib.Path(args.write or args.check)
+        text = path.read_text()
+        updated = replace_between_markers(text, content, str(path))
+        if args.check:
+            if updated != text:
+                print(
+                    f"{path}: the results tables differ from {args.results}; regenerate them with --write",
+                    file=sys.stderr,
+                )
+                return 1
+            return 0
+        path.write_text(updated)
+        return 0
+    print(content)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

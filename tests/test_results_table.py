@@ -1,0 +1,91 @@
+"""The README's results tables come from the committed run files, and say what they hold."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import pytest
+
+from experiments import results_table
+from experiments.config import TrainConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write_run(folder: pathlib.Path, *, seed: int, accuracy: float, **config) -> None:
+    """A run folder with the three files the tables read; two epochs, epoch 2 selected."""
+    folder.mkdir(parents=True)
+    full = {**TrainConfig().to_dict(), "seed": seed, "out": str(folder), **config}
+    (folder / "config.json").write_text(json.dumps(full))
+    history = [
+        {"epoch": 1, "val_accuracy": 0.5, "val_diverged": 0, "test_diverged": 2},
+        {"epoch": 2, "val_accuracy": 0.75, "val_diverged": 1, "test_diverged": 0},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+    report = {
+        "epochs": 2,
+        "selection": {"epoch": 2, "val_accuracy": 0.75},
+        "test": {"accuracy": accuracy, "weighted_f1": accuracy - 0.01},
+        "optimistic_protocol_best_test_accuracy": accuracy + 0.02,
+        "optimistic_protocol_best_test_epoch": 1,
+        "seconds_per_epoch": {"median": 12.4},
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+@pytest.fixture
+def results(tmp_path: pathlib.Path) -> pathlib.Path:
+    write_run(tmp_path / "larnn-seed0", seed=0, accuracy=0.90)
+    write_run(tmp_path / "larnn-seed1", seed=1, accuracy=0.92)
+    write_run(tmp_path / "carried-seed0", seed=0, accuracy=0.8, cell_norm_placement="carried")
+    write_run(tmp_path / "lstm-seed3", seed=3, accuracy=0.85, model="lstm", epochs=25)
+    (tmp_path / "unfinished").mkdir()  # no report.json: not a row
+    return tmp_path
+
+
+def test_tables_group_seeds_into_variants(results: pathlib.Path) -> None:
+    text = results_table.tables(results)
+    summary, runs = text.split("\n\nEvery run:\n\n")
+    assert summary.splitlines()[-3:] == [
+        "| LARNN | 2 | **0.9100 ± 0.0141** | 0.9000 ± 0.0141 | 0.9300 ± 0.0141 |",
+        "| LARNN cell_norm_placement=carried | 1 | **0.8000** | 0.7900 | 0.8200 |",
+        "| LSTM (Flax) epochs=25 | 1 | **0.8500** | 0.8400 | 0.8700 |",
+    ]
+    assert runs.splitlines()[2] == (
+        "| LARNN | `larnn-seed0` | 0 | 2 | 2 | 0.7500 | **0.9000** | 0.8900 | 0.9200 (1) "
+        "| 1 / 2 | 12 |"
+    )
+    assert len(runs.splitlines()) == 2 + 4
+
+
+def test_write_then_check_round_trips(results: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"intro\n{results_table.START_MARKER}\nold\n{results_table.END_MARKER}\nend\n"
+    )
+    assert results_table.main(["--results", str(results), "--check", str(readme)]) == 1
+    assert results_table.main(["--results", str(results), "--write", str(readme)]) == 0
+    assert results_table.main(["--results", str(results), "--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{results_table.END_MARKER}\nend\n")
+    assert "| LARNN | 2 |" in text and "old" not in text
+
+
+def test_missing_markers_and_empty_results_are_named(results: pathlib.Path, tmp_path) -> None:
+    readme = tmp_path / "plain.md"
+    readme.write_text("no tables here\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{readme} has no <!-- results:start -->")):
+        results_table.main(["--results", str(results), "--check", str(readme)])
+    with pytest.raises(SystemExit, match=r"no run folder with a report\.json under"):
+        results_table.tables(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(
+    not (ROOT / "results/uci_har").is_dir(), reason="no run of results/uci_har committed yet"
+)
+def test_the_readme_tables_are_generated_from_the_committed_runs(monkeypatch) -> None:
+    """The README's tables are exactly what the script makes of ``results/uci_har``."""
+    monkeypatch.chdir(ROOT)
+    assert results_table.main(["--results", "results/uci_har", "--check", "README.md"]) == 0
