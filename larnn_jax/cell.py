@@ -15,6 +15,7 @@ arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -43,12 +44,35 @@ def check_cell_norm_placement(placement: str) -> None:
         )
 
 
+#: Resolution of the dropout decisions: 16 random bits each.
+_DROPOUT_LEVELS = 1 << 16
+
+
+def dropout_keep_mask(
+    key: jax.Array, rate: float, shape: tuple[int, ...]
+) -> tuple[jax.Array, float]:
+    """Which elements of an array of ``shape`` dropout keeps, and the probability of keeping one.
+
+    Each decision takes 16 random bits, two from every 32-bit random word: half the random
+    numbers of ``jax.random.bernoulli``, whose generation is a large part of a training step on a
+    CPU. The keep probability ``1 - rate`` is therefore a multiple of ``2^-16`` (rounded).
+
+    Returns:
+      A boolean mask of ``shape`` and the keep probability it was drawn with.
+    """
+    levels = round((1.0 - rate) * _DROPOUT_LEVELS)
+    size = math.prod(shape)
+    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
+    return (halves < levels).reshape(shape), levels / _DROPOUT_LEVELS
+
+
 def _dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool) -> jax.Array:
     """Inverted dropout with rng stream ``'dropout'``; the identity when off or in eval mode."""
     if rate == 0.0 or deterministic:
         return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    keep, keep_probability = dropout_keep_mask(module.make_rng("dropout"), rate, x.shape)
+    return jnp.where(keep, x / keep_probability, jnp.zeros_like(x))
 
 
 def _carry_dtype(dtype: Dtype | None, param_dtype: Dtype) -> Dtype:
