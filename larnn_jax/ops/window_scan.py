@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -168,6 +169,8 @@ def _forward_rule(step, params, stats, h, c, window, terms, keys):
 def _backward_rule(step, residuals, d_result):
     params, stats, h0, c0, window, terms, keys, result = residuals
     steps = keys.shape[0] - 1
+    # One flat vector: its gradient accumulates in one addition per step, not one per array.
+    flat_params, unflatten = jax.flatten_util.ravel_pytree(params)
     # The carry each step starts from: the one after the step before (or the initial one).
     h_before = jnp.concatenate([h0[None], result.outputs[:-1].astype(h0.dtype)])
     c_before = jnp.concatenate([c0[None], result.cells[:-1]])
@@ -179,12 +182,13 @@ def _backward_rule(step, residuals, d_result):
         enter_key, advance_key = step.wrap_key(key_t)
         view = _step_view(result.key_buffer, result.value_buffer, window.count, t, steps)
 
-        def advance(params, h, c, sums, key_entries, value_entries, terms_t):
+        def advance(flat_params, h, c, sums, key_entries, value_entries, terms_t):
             window = view._replace(key_entries=key_entries, value_entries=value_entries)
+            params = unflatten(flat_params)
             return step.advance(params, stats, h, c, window, sums, terms_t, advance_key)[0]
 
         _, pull_back_advance = jax.vjp(
-            advance, params, h, c, sums, view.key_entries, view.value_entries, terms_t
+            advance, flat_params, h, c, sums, view.key_entries, view.value_entries, terms_t
         )
         d_params_advance, d_h, d_c_advance, d_sums, d_keys, d_values, d_terms_t = pull_back_advance(
             (d_output + d_h.astype(d_output.dtype), d_c + d_cell, d_sums + d_step_sums)
@@ -198,11 +202,11 @@ def _backward_rule(step, residuals, d_result):
             jax.lax.dynamic_index_in_dim(buffer, index, -2, keepdims=False)
             for buffer in (d_key_buffer, d_value_buffer)
         ]
-        _, pull_back_enter = jax.vjp(lambda p, c: step.enter(p, c, enter_key), params, c)
-        d_params_enter, d_c_enter = pull_back_enter(tuple(d_entering))
-        d_params = jax.tree.map(
-            lambda total, a, b: total + a + b, d_params, d_params_advance, d_params_enter
+        _, pull_back_enter = jax.vjp(
+            lambda flat, c: step.enter(unflatten(flat), c, enter_key), flat_params, c
         )
+        d_params_enter, d_c_enter = pull_back_enter(tuple(d_entering))
+        d_params = d_params + d_params_advance + d_params_enter
         carry = (d_h, d_c_advance + d_c_enter, d_sums, d_key_buffer, d_value_buffer, d_params)
         return carry, d_terms_t
 
@@ -212,7 +216,7 @@ def _backward_rule(step, residuals, d_result):
         jnp.zeros_like(window.moment_sums),
         d_result.key_buffer,
         d_result.value_buffer,
-        jax.tree.map(jnp.zeros_like, params),
+        jnp.zeros_like(flat_params),
     )
     inputs = (
         jnp.arange(steps),
@@ -235,7 +239,7 @@ def _backward_rule(step, residuals, d_result):
         d_sums,
     )
     d_stats = jax.tree.map(jnp.zeros_like, stats)
-    return d_params, d_stats, d_h, d_c, d_window, d_terms, _zero_cotangent(keys)
+    return unflatten(d_params), d_stats, d_h, d_c, d_window, d_terms, _zero_cotangent(keys)
 
 
 def _add_to_window(buffer: jax.Array, cotangent: jax.Array, start: jax.Array) -> jax.Array:
