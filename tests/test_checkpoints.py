@@ -7,6 +7,7 @@ import json
 import logging
 import pathlib
 import shutil
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,23 +88,64 @@ def test_damaged_and_incomplete_steps_are_skipped(
     ]
 
 
-def test_resume_falls_back_from_a_truncated_latest_checkpoint(
-    run: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+def truncate_largest_file(step_dir: pathlib.Path) -> str:
+    """Cuts the step's largest array file to 10 bytes; returns the problem verification finds."""
+    damaged = largest_array_file(step_dir)
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    name = damaged.relative_to(step_dir).as_posix()
+    return f"file {name} has 10 bytes instead of {size} (truncated?)"
+
+
+def flip_a_byte_of_the_largest_file(step_dir: pathlib.Path) -> str:
+    """Inverts one byte in the middle of the step's largest array file, keeping its size: only
+    the SHA-256 in the manifest can tell."""
+    damaged = largest_array_file(step_dir)
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(content))
+    name = damaged.relative_to(step_dir).as_posix()
+    return f"file {name} does not match its recorded SHA-256"
+
+
+def break_the_manifest_json(step_dir: pathlib.Path) -> str:
+    """Replaces the manifest by text that is not JSON (a manifest cut short)."""
+    (step_dir / MANIFEST_NAME).write_text('{"files": {')
+    return (
+        f"its {MANIFEST_NAME} is unreadable (Expecting property name enclosed in double quotes: "
+        "line 1 column 12 (char 11))"
+    )
+
+
+@pytest.mark.parametrize(
+    "damage", [truncate_largest_file, flip_a_byte_of_the_largest_file, break_the_manifest_json]
+)
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(
+    run: pathlib.Path,
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[pathlib.Path], str],
 ) -> None:
     out, config = copy_run(run, tmp_path)
-    damaged = largest_array_file(out / "checkpoints" / "3")
-    damaged.write_bytes(damaged.read_bytes()[:10])
-    with caplog.at_level(logging.WARNING, logger="experiments"):
+    step_dir = out / "checkpoints" / "3"
+    problem = damage(step_dir)
+    with caplog.at_level(logging.INFO, logger="experiments"):
         train_module.train(config, resume=True)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(
-        "checkpoint step 3 " in m and "truncated" in m and damaged.name in m for m in warnings
-    ), warnings
+    (quarantined,) = (out / "checkpoints" / QUARANTINE_DIR).iterdir()
+    assert quarantined.name.startswith("3-")
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            "experiments.checkpoints",
+            logging.WARNING,
+            f"checkpoint step 3 ({step_dir}) is unusable: {problem}; moved it to {quarantined} "
+            "(an older checkpoint, if any, is used instead)",
+        ),
+        ("experiments.train", logging.INFO, f"resuming {out} from the checkpoint of epoch 2"),
+    ]
     # Epoch 3 was trained again from checkpoint 2, exactly as the first time.
     assert without_timing(read_lines(out / "metrics.jsonl")) == without_timing(
         read_lines(run / "metrics.jsonl")
     )
-    assert len(list((out / "checkpoints" / QUARANTINE_DIR).iterdir())) == 1
 
 
 def test_resume_with_a_changed_hyperparameter_names_it(
