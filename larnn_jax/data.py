@@ -381,7 +381,9 @@ def _download_uci_har(root: pathlib.Path, progress: bool) -> None:
     The archive is fetched with 3 retries and a tqdm progress bar when ``progress`` is true; both
     zip levels (the archive and the ``UCI HAR Dataset.zip`` inside it) are unpacked and then
     removed. The archive's own hash is not pinned: integrity is checked afterwards, file by file,
-    against :data:`UCI_HAR_SHA256`. pooch (the ``train`` extra) is imported here.
+    against :data:`UCI_HAR_SHA256`. When unpacking fails (a transfer cut short where HTTP could
+    not tell), the archive is removed as well, so that the next call downloads it again instead
+    of failing on the same file. pooch (the ``train`` extra) is imported here.
     """
     import pooch
 
@@ -412,8 +414,9 @@ def _download_uci_har(root: pathlib.Path, progress: bool) -> None:
             f"could not download and unpack {UCI_HAR_URL} into {root}: {exc}. Download it by "
             f"hand and unzip it, then '{_INNER_ZIP}' inside it, into {root}"
         ) from exc
-    (root / archive).unlink()
-    shutil.rmtree(root / f"{archive}.unzip")
+    finally:
+        (root / archive).unlink(missing_ok=True)
+        shutil.rmtree(root / f"{archive}.unzip", ignore_errors=True)
 
 
 def _cache_dirs(root: pathlib.Path) -> list[pathlib.Path]:

@@ -4,18 +4,22 @@ present, on the real UCI HAR copy."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import shutil
 import stat
+import types
+import urllib.parse
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pooch
 import pytest
 import requests
+import tqdm
+from archive_server import ArchiveServer, Reply, cut_short, serve
 
 from larnn_jax import data
 from larnn_jax.data import DataError, Split
@@ -38,14 +42,18 @@ Lines = list[str]
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the user cache folder inside tmp_path and forbid network access."""
+    """Keep the user cache folder inside tmp_path and forbid downloads from anywhere but
+    127.0.0.1 (the tests' own HTTP server), reached directly whatever proxy is configured."""
+    real_get = requests.get
 
-    class NoNetwork:
-        def __init__(self, **kwargs: object) -> None:
-            raise AssertionError("a test tried to download")
+    def local_get(url: str, *args: object, **kwargs: object) -> requests.Response:
+        if urllib.parse.urlsplit(url).hostname != "127.0.0.1":
+            raise AssertionError(f"a test tried to download {url}")
+        return real_get(url, *args, **kwargs)
 
     monkeypatch.setattr(pooch, "os_cache", lambda project: tmp_path / "user-cache" / project)
-    monkeypatch.setattr(pooch, "HTTPDownloader", NoNetwork)
+    monkeypatch.setattr(requests, "get", local_get)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.delenv("LARNN_DATA_DIR", raising=False)
 
 
@@ -421,70 +429,146 @@ def test_cache_goes_to_user_cache_when_data_dir_is_read_only(
 
 
 # --------------------------------------------------------------------------------------------
-# Download (pooch's HTTP downloader replaced by one that serves a local zip)
+# Download, over real HTTP from a server on 127.0.0.1 (archive_server.py)
+
+ARCHIVE_PATH = "/" + data.UCI_HAR_URL.rsplit("/", 1)[1]
 
 
-def make_official_archive(tmp_path: Path) -> tuple[Path, dict[str, Split]]:
-    """A synthetic dataset zipped like the official archive (a zip inside a zip)."""
-    source = tmp_path / "source"
-    expected = make_uci_har(source)
+def zip_official_archive(source: Path, tmp_path: Path) -> bytes:
+    """The ``UCI HAR Dataset/`` folder under ``source`` zipped like the official archive (a zip
+    inside a zip, with macOS resource forks that must not be unpacked); returns its bytes."""
     inner = tmp_path / "inner.zip"
     with zipfile.ZipFile(inner, "w") as archive:
         for path in sorted((source / data.UCI_HAR_FOLDER).rglob("*")):
             archive.write(path, path.relative_to(source).as_posix())
         archive.writestr("__MACOSX/UCI HAR Dataset/._README.txt", b"resource fork")
-    outer = tmp_path / "outer.zip"
+    outer = io.BytesIO()
     with zipfile.ZipFile(outer, "w") as archive:
         archive.write(inner, "UCI HAR Dataset.zip")
         archive.writestr("UCI HAR Dataset.names", "description")
-    return outer, expected
+    return outer.getvalue()
 
 
-def test_download_unpacks_both_zip_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    outer, expected = make_official_archive(tmp_path)
+@pytest.fixture
+def archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, dict[str, Split]]:
+    """A synthetic dataset as the official archive, its hashes registered: (bytes, expected)."""
+    expected = make_uci_har(tmp_path / "source")
     register_hashes(monkeypatch, tmp_path / "source")
-    calls = []
+    return zip_official_archive(tmp_path / "source", tmp_path), expected
 
-    class LocalDownloader:
-        def __init__(self, progressbar: bool = False) -> None:
-            calls.append(("progressbar", progressbar))
 
-        def __call__(self, url: str, output_file: str, instance: pooch.Pooch) -> None:
-            calls.append(url)
-            shutil.copyfile(outer, output_file)
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ArchiveServer]:
+    """An HTTP server on 127.0.0.1 where the loader's URL now points; it answers 404 until the
+    test gives it replies."""
+    with serve() as running:
+        monkeypatch.setattr(data, "UCI_HAR_URL", running.url(ARCHIVE_PATH))
+        yield running
 
-    monkeypatch.setattr(pooch, "HTTPDownloader", LocalDownloader)
-    root = tmp_path / "downloaded"
-    train, test, class_names = data.load_uci_har(root, progress=False)
-    assert calls == [("progressbar", False), data.UCI_HAR_URL]
+
+@pytest.fixture
+def retry_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits pooch makes between attempts, recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(pooch.core, "time", types.SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def assert_downloaded(root: Path, expected: dict[str, Split]) -> None:
+    """``root`` holds the unpacked dataset and its cache only, with the expected contents."""
+    train, test, class_names = data.load_uci_har(root, download=False)
     assert class_names == CLASS_NAMES
     assert_split_equal(train, expected["train"])
     assert_split_equal(test, expected["test"])
     names = sorted(path.name for path in root.iterdir())
     assert names[0] == "UCI HAR Dataset" and re.fullmatch(r"uci_har_[0-9a-f]{16}\.npz", names[1])
     assert len(names) == 2  # the archives are removed, __MACOSX is not unpacked
-    data.load_uci_har(root)  # now present: no second download
-    assert len(calls) == 2
 
 
-def test_download_failure_is_retried_then_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_download_unpacks_both_zip_levels_and_shows_progress(
+    archive, server: ArchiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    attempts = []
+    body, expected = archive
+    server.replies = [Reply(body=body)]
+    root = tmp_path / "downloaded"
+    data.load_uci_har(root)
+    assert server.requests == [ARCHIVE_PATH]
+    size = tqdm.tqdm.format_sizeof(len(body))  # tqdm's unit_scale display, e.g. 33.5k
+    bar = capsys.readouterr().err.split("\r")[-1]  # the bar's final state
+    assert bar.startswith("100%|") and f"| {size}/{size} [" in bar, bar
+    assert_downloaded(root, expected)
+    data.load_uci_har(root)  # now present: no second download
+    assert server.requests == [ARCHIVE_PATH]
 
-    class FailingDownloader:
-        def __init__(self, progressbar: bool = False) -> None:
-            pass
 
-        def __call__(self, url: str, output_file: str, instance: pooch.Pooch) -> None:
-            attempts.append(url)
-            raise requests.exceptions.ConnectionError("network is unreachable")
+def test_failed_and_cut_short_transfers_are_retried(
+    archive, server: ArchiveServer, tmp_path: Path, retry_waits: list[float]
+) -> None:
+    """A server error, then a transfer shorter than its Content-Length, then the archive."""
+    body, expected = archive
+    server.replies = [Reply(status=503), cut_short(body, len(body) // 2), Reply(body=body)]
+    root = tmp_path / "downloaded"
+    data.load_uci_har(root, progress=False)
+    assert server.requests == [ARCHIVE_PATH] * 3
+    assert retry_waits == [1, 2]
+    assert_downloaded(root, expected)
 
-    monkeypatch.setattr(pooch, "HTTPDownloader", FailingDownloader)
-    monkeypatch.setattr(pooch.core.time, "sleep", lambda seconds: None)
-    with pytest.raises(DataError, match=r"could not download .* network is unreachable"):
-        data.load_uci_har(tmp_path / "nowhere")
-    assert len(attempts) == 4
+
+def test_download_that_keeps_failing_is_reported(
+    server: ArchiveServer, tmp_path: Path, retry_waits: list[float]
+) -> None:
+    server.replies = [Reply(status=503)]
+    root = tmp_path / "nowhere"
+    with pytest.raises(DataError) as info:
+        data.load_uci_har(root)
+    assert str(info.value) == (
+        f"could not download and unpack {data.UCI_HAR_URL} into {root}: 503 Server Error: "
+        f"Service Unavailable for url: {data.UCI_HAR_URL}. Download it by hand and unzip it, "
+        f"then 'UCI HAR Dataset.zip' inside it, into {root}"
+    )
+    assert server.requests == [ARCHIVE_PATH] * 4  # 3 retries
+    assert retry_waits == [1, 2, 3]
+    assert list(root.iterdir()) == []
+
+
+def test_truncated_archive_is_reported_and_downloaded_again(
+    archive, server: ArchiveServer, tmp_path: Path
+) -> None:
+    """Without a Content-Length, HTTP cannot tell a transfer was cut short: unzipping does. The
+    broken archive must not stay, or every later load would find it and fail again."""
+    body, expected = archive
+    server.replies = [cut_short(body, len(body) // 2, declared=False), Reply(body=body)]
+    root = tmp_path / "downloaded"
+    with pytest.raises(DataError) as info:
+        data.load_uci_har(root, progress=False)
+    assert str(info.value) == (
+        f"could not download and unpack {data.UCI_HAR_URL} into {root}: File is not a zip file. "
+        f"Download it by hand and unzip it, then 'UCI HAR Dataset.zip' inside it, into {root}"
+    )
+    assert list(root.iterdir()) == []
+    data.load_uci_har(root, progress=False)
+    assert server.requests == [ARCHIVE_PATH] * 2
+    assert_downloaded(root, expected)
+
+
+def test_archive_with_a_changed_file_is_refused(
+    archive, server: ArchiveServer, tmp_path: Path
+) -> None:
+    """The archive itself has no pinned hash: each unpacked file is checked against the table."""
+    source = tmp_path / "source"
+    rewrite(source / data.UCI_HAR_FOLDER / "train/y_train.txt", set_line(1, "6"))
+    server.replies = [Reply(body=zip_official_archive(source, tmp_path))]
+    root = tmp_path / "downloaded"
+    path = root / data.UCI_HAR_FOLDER / "train/y_train.txt"
+    with pytest.raises(DataError) as info:
+        data.load_uci_har(root, progress=False)
+    expected_hash = data.UCI_HAR_SHA256["train/y_train.txt"]
+    actual_hash = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(info.value) == (
+        f"{path}: SHA-256 mismatch: expected {expected_hash}, got {actual_hash}. The file differs "
+        f"from the official UCI HAR release; remove {root / data.UCI_HAR_FOLDER} to have the "
+        "loader download it again"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,8 +804,13 @@ REAL_DATA = (
 
 
 @pytest.mark.skipif(REAL_DATA is None, reason="no UCI HAR copy: set LARNN_DATA_DIR")
-def test_real_uci_har_matches_its_documented_facts() -> None:
-    before = sorted(REAL_DATA.iterdir())
+def test_real_uci_har_matches_its_documented_facts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parsed arrays are cached in a folder of the test's own, whether or not the copy is
+    # writable (a writable one would otherwise get the cache file beside its data).
+    monkeypatch.setattr(data, "_cache_dirs", lambda root: [tmp_path / "cache"])
+    before = sorted(REAL_DATA.rglob("*"))
     train, test, class_names = data.load_uci_har(REAL_DATA, download=False)
     assert class_names == CLASS_NAMES
     assert train.x.shape == (7352, 128, 9) and test.x.shape == (2947, 128, 9)
@@ -732,9 +821,10 @@ def test_real_uci_har_matches_its_documented_facts() -> None:
     np.testing.assert_array_equal(np.unique(test.subjects), [2, 4, 9, 10, 12, 13, 18, 20, 24])
     assert train.x[0, 0, 0] == np.float32(1.8085150e-004)
     assert train.x[0, 0, 6] == np.float32(1.0128170)
+    assert len(list((tmp_path / "cache").glob("uci_har_*.npz"))) == 1
+    forbid_parsing(monkeypatch)
     ds = data.load_dataset("uci_har", REAL_DATA)  # from the cache
     assert len(np.unique(ds.val.subjects)) == 4
     assert set(ds.val.subjects.tolist()) <= set(train_subjects)
     assert len(ds.train.y) + len(ds.val.y) == 7352
-    if REAL_DATA == SHARED_DATA:
-        assert sorted(REAL_DATA.iterdir()) == before
+    assert sorted(REAL_DATA.rglob("*")) == before  # nothing written beside the data
