@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from larnn_jax import BNLSTMCell, LARNNCell
 from larnn_jax.models import SequenceClassifier
+from larnn_jax.normalization import FeatureNorm
 
 B, T, D, CLASSES = 8, 12, 4, 3
 H, LAYERS = 6, 2
@@ -91,6 +93,46 @@ def test_running_statistics_move_in_training_and_stay_in_evaluation():
     _, eval_updates = model.apply(variables, x, deterministic=True, mutable=["batch_stats"])
     for name, value in traverse_util.flatten_dict(eval_updates["batch_stats"], sep="/").items():
         np.testing.assert_array_equal(value, before[name])
+
+
+def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``dtype=bfloat16``, a training step computes every batch-norm statistic and every
+    attention softmax in float32, and keeps the running averages in float32: checked on the arrays
+    the step computes (softmax inputs and the norms' scale and shift, intercepted while it is
+    traced), not by reading the code."""
+    softmax = jax.nn.softmax
+    softmax_inputs: list[tuple[tuple[int, ...], jnp.dtype]] = []
+
+    def recording_softmax(x: jax.Array, *args: object, **kwargs: object) -> jax.Array:
+        softmax_inputs.append((x.shape, x.dtype))
+        return softmax(x, *args, **kwargs)
+
+    norm_results: dict[str, set[jnp.dtype]] = {}
+
+    def record_norm_statistics(next_fun, args, kwargs, context):
+        result = next_fun(*args, **kwargs)
+        if isinstance(context.module, FeatureNorm) and context.method_name == "scale_and_shift":
+            norm_results.setdefault(context.module.name, set()).update(a.dtype for a in result)
+        return result
+
+    monkeypatch.setattr(jax.nn, "softmax", recording_softmax)
+    model = SequenceClassifier(CLASSES, **SMALL, **DROPOUTS, dtype=jnp.bfloat16)
+    with nn.intercept_methods(record_norm_statistics):
+        variables, _, updates = train_step_gradients(model)
+
+    window_scores = (B, SMALL["window_size"], SMALL["num_heads"])
+    assert softmax_inputs and {shape for shape, _ in softmax_inputs} == {window_scores}
+    assert {dtype for _, dtype in softmax_inputs} == {jnp.dtype("float32")}
+    names = {"key_norm", "value_norm", "attention_norm", "gate_norm", "cell_norm", "hidden_norm"}
+    assert norm_results == {name: {jnp.dtype("float32")} for name in names}
+    before = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+    after = traverse_util.flatten_dict(updates["batch_stats"], sep="/")
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert value.dtype == before[name].dtype == jnp.float32, name
+        assert not np.array_equal(value, before[name]), name
 
 
 def test_evaluation_ignores_the_rest_of_the_batch_and_training_does_not():
