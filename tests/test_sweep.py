@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -14,11 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import zipfile
 
 import numpy as np
 import pytest
 from hyperopt import hp
 from hyperopt.pyll import stochastic
+from ray.tune.schedulers import TrialScheduler
 
 from experiments import analyze_sweep, sweep
 from experiments.config import ConfigError, TrainConfig, load_config_file
@@ -97,6 +101,27 @@ def write_dataset(path: pathlib.Path, *, train_rows: int, steps: int = 8) -> pat
         x[:, :, 0] += labels[:, None]
         arrays[f"X_{split}"], arrays[f"y_{split}"] = x, labels
     np.savez(path, **arrays)
+    return path
+
+
+def write_dataset_with_nan(path: pathlib.Path) -> pathlib.Path:
+    """:func:`write_dataset`'s task with a NaN as the first training value: unusable data."""
+    write_dataset(path, train_rows=32)
+    with np.load(path) as arrays:
+        changed = dict(arrays)
+    changed["X_train"][0, 0, 0] = np.nan
+    np.savez(path, **changed)
+    return path
+
+
+def write_unloadable_dataset(path: pathlib.Path) -> pathlib.Path:
+    """An ``.npz`` whose ``X_train`` declares 2**59 float64 values (4 EiB, beyond any address
+    space): loading it fails with a MemoryError on every machine, before any data is read."""
+    header = io.BytesIO()
+    shape = {"descr": "<f8", "fortran_order": False, "shape": (2**59,)}
+    np.lib.format.write_array_header_1_0(header, shape)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("X_train.npy", header.getvalue())
     return path
 
 
@@ -186,9 +211,17 @@ def test_space_definitions_are_checked() -> None:
         TINY_SPACE.settings({"hidden": 8})
     assert get_space("round2") is ROUND_2
     assert get_space(f"{__name__}:TINY_SPACE") is TINY_SPACE
-    for bad in ("round3", f"{__name__}:ROOT", "no_such_module:SPACE"):
-        with pytest.raises(ConfigError):
-            get_space(bad)
+    refused = {
+        "round3": "unknown space 'round3': use round1, round2 or MODULE:ATTRIBUTE",
+        f"{__name__}:ROOT": f"{__name__}:ROOT is a PosixPath, not a SearchSpace",
+        "no_such_module:SPACE": (
+            "cannot load space 'no_such_module:SPACE': No module named 'no_such_module'"
+        ),
+    }
+    for name, message in refused.items():
+        with pytest.raises(ConfigError) as error:
+            get_space(name)
+        assert str(error.value) == message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,28 +243,43 @@ def test_help(module, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "message"),
     [
-        ["--space", "round2", "--gpus-per-trial", "2"],
-        ["--resume"],
-        ["--num-samples", "3"],
+        (
+            ["--space", "round2", "--gpus-per-trial", "2"],
+            "--gpus-per-trial must be in 0..1 (a trial trains on one device)",
+        ),
+        (["--resume"], "--resume needs the --name of the experiment (and its --storage)"),
+        (["--num-samples", "3"], "--space is required (unless --resume)"),
+        (["--space", "round2", "--num-smaples", "3"], "unrecognized arguments: --num-smaples 3"),
     ],
+    ids=["gpus", "resume-without-name", "no-space", "misspelt-flag"],
 )
-def test_invalid_arguments_exit_2(argv: list[str], capsys) -> None:
+def test_invalid_arguments_exit_2(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(argv)
     assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1] == f"python -m experiments.sweep: error: {message}"
+    )
 
 
 def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) -> None:
-    assert sweep.main(["--space", "round3"]) == 2
-    assert "unknown space" in capsys.readouterr().err
-    assert sweep.main(["--resume", "--storage", str(tmp_path), "--name", "absent"]) == 2
-    assert "no Tune experiment to resume" in capsys.readouterr().err
-    assert sweep.main(["--space", "round2", "--epochs", "4", "--grace-period", "5"]) == 2
-    assert "grace period must be in 1..4" in capsys.readouterr().err
-    assert sweep.main(["--space", "round2", "--remat-chunk-length", "0"]) == 2
-    assert "remat_chunk_length must be >= 1" in capsys.readouterr().err
+    refused = {
+        ("--space", "round3"): "unknown space 'round3': use round1, round2 or MODULE:ATTRIBUTE",
+        ("--resume", "--storage", str(tmp_path), "--name", "absent"): (
+            f"no Tune experiment to resume at {tmp_path / 'absent'}"
+        ),
+        ("--space", "round2", "--epochs", "4", "--grace-period", "5"): (
+            "grace period must be in 1..4 (the epochs); got 5"
+        ),
+        ("--space", "round2", "--remat-chunk-length", "0"): (
+            "remat_chunk_length must be >= 1 (or null: off); got 0"
+        ),
+    }
+    for argv, message in refused.items():
+        assert sweep.main(list(argv)) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_trial_overrides(
@@ -278,6 +326,33 @@ def test_device_environment_of_trials() -> None:
         "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225",
     }
     assert sweep.device_env(1) == {}
+
+
+def test_asha_stops_a_trial_outside_the_top_third_of_its_rung() -> None:
+    """The rule of the module docstring, on the scheduler the sweep builds: 20 epochs, grace
+    period 2 (the default, epochs // 10) and reduction factor 3 give rungs at epochs 2 and 6;
+    reaching one, a trial goes on only if its validation accuracy is at least the 2/3 quantile
+    of those that reached it before (the first to arrive always goes on)."""
+    scheduler = sweep.make_scheduler("asha", epochs=20)
+    scheduler.set_search_properties(sweep.METRIC, sweep.MODE)
+    trials = {name: types.SimpleNamespace(trial_id=name) for name in "abcd"}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def decide(name: str, epoch: int, val_accuracy: float) -> str:
+        result = {"training_iteration": epoch, sweep.METRIC: val_accuracy}
+        return scheduler.on_trial_result(None, trials[name], result)
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decide("b", 1, 0.1) == go  # before the grace period, whatever the accuracy
+    assert decide("a", 2, 0.5) == go  # first at rung 2
+    assert decide("b", 2, 0.4) == stop  # below 0.5
+    assert decide("c", 2, 0.6) == go  # quantile of 0.5, 0.4: 0.467
+    assert decide("d", 2, 0.5) == stop  # quantile of 0.5, 0.4, 0.6: 0.533
+    assert decide("a", 3, 0.1) == go  # between rungs
+    assert decide("a", 6, 0.7) == go  # first at rung 6
+    assert decide("c", 6, 0.65) == stop
+    assert decide("a", 20, 0.9) == stop  # the budget: the last epoch
 
 
 def test_training_errors_survive_copy_and_pickle() -> None:
@@ -365,6 +440,95 @@ def test_describe_error() -> None:
     assert analyze_sweep.describe_error("Traceback ...\n  File x\nValueError: bad\n") == (
         "ValueError: bad"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# A real sweep on a local Ray, small enough for every test run
+
+
+def result_files(experiment: pathlib.Path) -> dict[str, bytes]:
+    """Every trial's ``result.json`` (Tune appends a line per report), by trial folder."""
+    return {path.parent.name: path.read_bytes() for path in experiment.glob("*/result.json")}
+
+
+def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four 2-epoch trials: a NaN loss, data with a NaN, data too large for memory, and one that
+    finishes. Failed trials are recorded with their error and the sweep goes on; --resume keeps
+    every trial as it was (failed ones are not tried again, finished ones not re-run)."""
+    good, nan, huge = (
+        f"npz:{write(tmp_path / name)}"
+        for write, name in (
+            (lambda path: write_dataset(path, train_rows=32), "toy.npz"),
+            (write_dataset_with_nan, "nan.npz"),
+            (write_unloadable_dataset, "huge.npz"),
+        )
+    )
+    point = {"learning_rate": 0.01, "hidden": 4.0, "heads": 2.0}
+    space = dataclasses.replace(
+        TINY_SPACE,
+        name="reduced",
+        sampled={**TINY_SPACE.sampled, "dataset": hp.choice("dataset", [good, nan, huge])},
+        initial_points=(
+            {**point, "learning_rate": 1e30, "dataset": good},
+            {**point, "dataset": nan},
+            {**point, "dataset": huge},
+            {**point, "dataset": good},
+        ),
+    )
+    monkeypatch.setattr(sys.modules[__name__], "REDUCED_SPACE", space, raising=False)
+    experiment = tmp_path / "sweeps" / "reduced"
+    where = ["--storage", str(tmp_path / "sweeps"), "--name", "reduced"]
+    space_name = f"{__name__}:REDUCED_SPACE"
+    argv = [*where, "--space", space_name, "--num-samples", "4", "--scheduler", "fifo"]
+    assert sweep.main(argv) == 0
+    output = capsys.readouterr().out
+
+    records = analyze_sweep.load_experiment(str(experiment))
+    outcomes = {
+        (record.point["learning_rate"], record.point["dataset"]): (
+            record.tune_status,
+            [line["epoch"] for line in record.history],
+            record.error,
+        )
+        for record in records
+    }
+    assert outcomes == {
+        (1e30, good): (
+            "ERROR",
+            [],
+            "NonFiniteLossError: the training loss is nan at epoch 1, step 2; stopping: no "
+            "epoch had completed, so there is no checkpoint.",
+        ),
+        (0.01, nan): (
+            "ERROR",
+            [],
+            f"DataError: {nan.removeprefix('npz:')}: X_train[0, 0, 0] = nan is not a finite "
+            "float32",
+        ),
+        (0.01, huge): (
+            "ERROR",
+            [],
+            "MemoryError: Unable to allocate 4.00 EiB for an array with shape "
+            "(576460752303423488,) and data type float64",
+        ),
+        (0.01, good): ("TERMINATED", [1, 2], ""),
+    }
+    for record in records:
+        if record.error:
+            assert f"trial {record.trial_id} failed: {record.error}\n" in output
+    assert "4 trials: 3 error, 1 finished\n" in output
+    results = result_files(experiment)
+    assert len(results) == 4
+
+    assert sweep.main([*where, "--resume"]) == 0
+    assert "4 trials: 3 error, 1 finished\n" in capsys.readouterr().out
+    assert result_files(experiment) == results  # no trial reported anything again
+    resumed = analyze_sweep.load_experiment(str(experiment))
+    assert {r.trial_id: (r.tune_status, r.error) for r in resumed} == {
+        r.trial_id: (r.tune_status, r.error) for r in records
+    }
 
 
 # ------------------------------------------------------------------------------------------------
