@@ -11,7 +11,6 @@ import math
 import os
 import pathlib
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -610,6 +609,8 @@ def test_sweep_on_two_nodes_with_a_failing_trial(cluster, tmp_path: pathlib.Path
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
+    """Checks ``condition`` every half second until it holds; ``timeout`` only keeps a broken
+    run from hanging (the condition, once reached, stays: nothing here races)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -617,14 +618,25 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def saved_trials(experiment: pathlib.Path) -> dict[str, analyze_sweep.TrialRecord]:
-    """The trials as the experiment's saved state has them ({} before the first save)."""
+def trial_files(experiment: pathlib.Path, trial_id: str) -> dict[str, bytes]:
+    """Every file of a trial's folder in the experiment's storage (results, error, parameters),
+    by path inside it, without its checkpoints."""
+    folder = experiment / f"trial_{trial_id}"
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.relative_to(folder).as_posix().startswith("checkpoint_")
+    }
+
+
+def saved_trials(experiment: pathlib.Path) -> dict[float, analyze_sweep.TrialRecord]:
+    """The trials as the experiment's saved state has them, by learning rate ({} before the
+    first save)."""
     try:
-        return {
-            record.trial_id: record for record in analyze_sweep.load_experiment(str(experiment))
-        }
+        records = analyze_sweep.load_experiment(str(experiment))
     except (ValueError, FileNotFoundError):
         return {}
+    return {record.point["learning_rate"]: record for record in records}
 
 
 def raw_results(experiment: pathlib.Path, trial_id: str) -> list[dict]:
@@ -632,66 +644,94 @@ def raw_results(experiment: pathlib.Path, trial_id: str) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+#: The killed sweep's first three trials, in order (one at a time): the first fails, the second
+#: finishes, the third is held after its second epoch while the driver is killed.
+FAILING_RATE, FINISHING_RATE, HELD_RATE = 1e30, 0.01, 0.02
+KILLED_SPACE = dataclasses.replace(
+    TINY_SPACE,
+    initial_points=tuple(
+        {"learning_rate": rate, "hidden": 4.0, "heads": 2.0}
+        for rate in (FAILING_RATE, FINISHING_RATE, HELD_RATE)
+    ),
+)
+SWEEP_PROCESS = pathlib.Path(__file__).with_name("sweep_process.py")
+
+
 @pytest.mark.slow
-def test_killed_sweep_resumes_without_rerunning_finished_trials(
+def test_killed_sweep_resumes_without_rerunning_finished_or_failed_trials(
     cluster, tmp_path: pathlib.Path
 ) -> None:
-    data = write_dataset(tmp_path / "toy.npz", train_rows=12000)  # epochs of a few seconds
+    data = write_dataset(tmp_path / "toy.npz", train_rows=64)
     storage, name = tmp_path / "sweeps", "killed"
     experiment = storage / name
     common = ["--address", cluster.address, "--storage", str(storage), "--name", name]
-    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent)}
-    command = [sys.executable, "-m", "experiments.sweep"]
-    first = subprocess.Popen(
-        [
-            *command,
-            *common,
-            *["--space", f"{pathlib.Path(__file__).stem}:TINY_SPACE", "--num-samples", "3"],
-            *["--epochs", "4", "--max-concurrent", "1", "--scheduler", "fifo"],
-            *["--dataset", f"npz:{data}"],
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        # Kill the driver once the saved state has one finished trial and one under way (saved
-        # as PENDING: to be started again).
-        def one_done_one_running() -> bool:
-            statuses = [(r.tune_status, len(r.history)) for r in saved_trials(experiment).values()]
-            return ("TERMINATED", 4) in statuses and any(
-                status == "PENDING" and 1 <= epochs < 4 for status, epochs in statuses
-            )
+    path = os.pathsep.join([str(pathlib.Path(__file__).parent), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path}
+    command = [sys.executable, str(SWEEP_PROCESS)]
+    log = tmp_path / "first-driver.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen(
+            [
+                *command,
+                *["--hold", f"{HELD_RATE}:2", "--"],
+                *common,
+                *["--space", f"{pathlib.Path(__file__).stem}:KILLED_SPACE", "--num-samples", "4"],
+                *["--epochs", "4", "--max-concurrent", "1", "--scheduler", "fifo"],
+                *["--dataset", f"npz:{data}"],
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # The held trial cannot go past epoch 2: this state comes and stays until the kill.
+            def failed_finished_and_held() -> bool:
+                assert first.poll() is None, log.read_text()[-5000:]
+                trials = saved_trials(experiment)
+                return (
+                    set(trials) == {FAILING_RATE, FINISHING_RATE, HELD_RATE}
+                    and trials[FAILING_RATE].tune_status == "ERROR"
+                    and trials[FINISHING_RATE].tune_status == "TERMINATED"
+                    and len(trials[HELD_RATE].history) == 2
+                )
 
-        wait_for(one_done_one_running, 300, "a finished and a running trial")
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
+            wait_for(failed_finished_and_held, 600, "a failed, a finished and a held trial")
+        finally:
             first.kill()
+            first.wait(timeout=60)
+    first_log = log.read_text()
     before = saved_trials(experiment)
-    done_before = [i for i, r in before.items() if r.tune_status == "TERMINATED"]
-    interrupted = [i for i, r in before.items() if r.tune_status == "PENDING" and r.history]
-    assert len(done_before) >= 1 and len(interrupted) == 1
-    finished_results = {i: raw_results(experiment, i) for i in done_before}
+    failed, done, held = (before[rate] for rate in (FAILING_RATE, FINISHING_RATE, HELD_RATE))
+    assert failed.error.startswith("NonFiniteLossError: the training loss is nan"), first_log
+    assert len(done.history) == 4, first_log
+    kept = {trial.trial_id: trial_files(experiment, trial.trial_id) for trial in (failed, done)}
 
     resumed = subprocess.run(
-        [*command, *common, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True
+        [*command, "--", *common, "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "3 trials: 3 finished" in resumed.stdout
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, first_log[-3000:] + output[-5000:]
+    assert "4 trials: 3 finished, 1 error\n" in resumed.stdout, output[-5000:]
+    assert f"trial {failed.trial_id} failed: {failed.error}\n" in resumed.stdout
 
     after = saved_trials(experiment)
-    assert len(after) == 3
-    assert all(r.tune_status == "TERMINATED" and len(r.history) == 4 for r in after.values())
-    for trial_id, results in finished_results.items():
-        assert raw_results(experiment, trial_id) == results  # not run again
-    for trial_id in after:
-        results = raw_results(experiment, trial_id)
-        # Every epoch reported once, in order: resumed trials continued from their checkpoint.
+    assert len(after) == 4
+    assert (after[FAILING_RATE].tune_status, after[FAILING_RATE].error) == ("ERROR", failed.error)
+    # Neither the failed nor the finished trial ran again: their folders are as they were.
+    for trial_id, files in kept.items():
+        assert trial_files(experiment, trial_id) == files
+    finished = [trial for rate, trial in after.items() if rate != FAILING_RATE]
+    for trial in finished:
+        assert trial.tune_status == "TERMINATED" and len(trial.history) == 4
+        results = raw_results(experiment, trial.trial_id)
+        # Every epoch reported once, in order: the held trial continued from its checkpoint.
         assert [r["epoch"] for r in results] == [1, 2, 3, 4]
         assert [r["training_iteration"] for r in results] == [1, 2, 3, 4]
-    for trial_id in interrupted:
-        pids = [r["pid"] for r in raw_results(experiment, trial_id)]
-        assert len(set(pids)) == 2, "the interrupted trial ran in two processes"
+    pids = [r["pid"] for r in raw_results(experiment, held.trial_id)]
+    assert pids[0] == pids[1] != pids[2] == pids[3], "the held trial went on in a new process"
