@@ -29,6 +29,9 @@ class CellCase:
     features: int = 6
     heads: int = 2
     window: int = 3
+    dropout_rate: float = 0.0
+    kv_dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
 
     @property
     def steps(self) -> int:
@@ -36,7 +39,7 @@ class CellCase:
         return 2 * self.window + 5
 
     def cell(self, dtype: np.typing.DTypeLike, deterministic: bool = True) -> LARNNCell:
-        """The cell under test, all dropout rates 0."""
+        """The cell under test (its dropout rates are the case's, 0 unless given)."""
         return LARNNCell(
             features=self.features,
             num_heads=self.heads,
@@ -46,6 +49,9 @@ class CellCase:
             activation_on_keys_and_values=self.act,
             norm=self.norm,
             cell_norm_placement=self.cell_norm_placement,
+            dropout_rate=self.dropout_rate,
+            kv_dropout_rate=self.kv_dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
             deterministic=deterministic,
             param_dtype=dtype,
         )

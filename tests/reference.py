@@ -23,6 +23,8 @@ Conventions (the parameter layout of ``larnn_jax.LARNNCell``):
   statistics in training, updating the running averages as ``r <- 0.99 r + 0.01 batch``; running
   averages in evaluation), ``"layer"`` over the last axis of each entry, ``"none"`` is the
   identity. ``eps = 1e-5``.
+- Dropout draws nothing here: a training run's masks are given explicitly (``dropout_masks``,
+  e.g. those the cell drew), as the factors inverted dropout multiplies by.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def larnn_reference(
     norm: str,
     train: bool,
     cell_norm_placement: str = "output",
+    dropout_masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Runs the LARNN cell naively over a sequence, from the zero carry.
 
@@ -149,12 +152,18 @@ def larnn_reference(
       num_heads, window_size, mode, use_positional_encoding, activation_on_keys_and_values,
         norm: as in ``LARNNCell``.
       train: batch statistics (and running-average updates) if ``True``, running averages if
-        ``False``. Dropout is not modelled (rates 0).
+        ``False``.
       cell_norm_placement: ``"output"``: the cell state is carried (and enters the window) as
         ``c_t = f*c + i*g`` and ``h_t = BN_h(o * elu(BN_c(c_t)))``; ``"carried"`` (the paper's
         formula): ``c_t = BN_c(f*c + i*g)`` is carried and ``h_t = BN_h(o * elu(c_t))``.
+      dropout_masks: the dropout of a training run, as the factors that inverted dropout
+        multiplies by (``0`` where dropped, ``1 / (1 - rate)`` where kept), per step ``t``:
+        ``"key_value"`` ``(T, B, H)`` multiplies ``c_{t-1}`` as it enters the window at step ``t``
+        (the entry keeps it while it stays); ``"attention"`` ``(T, B, k, n)`` multiplies the
+        attention weights after the softmax (window entries newest first, then heads; entries not
+        yet filled are ignored); ``"output"`` ``(T, B, H)`` multiplies ``h_t`` after ``BN_h``
+        (what the step returns and carries). Absent masks (or ``None``): no dropout there.
 
-    Returns:
       ``(ys, h, c, stats)``: ``ys`` ``(B, T, H)`` the outputs ``h_t`` of every step; ``h``, ``c``
       ``(B, H)`` the final carry; ``stats`` the running statistics after the sequence (the input
       ones in evaluation), same tree as ``batch_stats``. All float64.
@@ -176,9 +185,13 @@ def larnn_reference(
     b_key = params["key"].get("bias", 0.0)  # absent (b_k = 0) without the activation
     b_value = params["value"]["bias"]
 
+    masks = _as_float64(dropout_masks or {})
+    no_mask = np.ones(steps)  # broadcasts as the factor 1 at every step
+
     h = np.zeros((batch, hidden))
     c = np.zeros((batch, hidden))
-    window = [np.zeros((batch, hidden))]  # raw cell states, newest first: window[p - 1] ~ p
+    # Cell states (after key/value dropout), newest first: window[p - 1] ~ position p.
+    window = [np.zeros((batch, hidden)) * masks.get("key_value", no_mask)[0]]
     outputs = []
     for t in range(steps):
         x_t = x[:, t]
@@ -204,6 +217,8 @@ def larnn_reference(
         v_h = values.reshape(batch, m, num_heads, d_k)
         scores = np.einsum("bnd,bmnd->bnm", q_h, k_h) / math.sqrt(d_k)  # (B, n, m)
         alpha = softmax(scores)
+        if "attention" in masks:  # (B, k, n) -> the valid entries, as (B, n, m)
+            alpha = alpha * np.swapaxes(masks["attention"][t][:, :m, :], 1, 2)
         attended = np.einsum("bnm,bmnd->bnd", alpha, v_h).reshape(batch, hidden)  # (B, H)
         a = norms(
             ("attention_norm",),
@@ -239,9 +254,11 @@ def larnn_reference(
             h = norms(("update", "hidden_norm"), o * elu(norms(("update", "cell_norm"), c)))
         else:
             raise ValueError(f"unknown cell_norm_placement {cell_norm_placement!r}")
+        h = h * masks.get("output", no_mask)[t]
         outputs.append(h)
 
-        window.insert(0, c)  # FIFO: c_t becomes position 1 ...
+        if t + 1 < steps:  # FIFO: c_t enters as position 1 at step t + 1 ...
+            window.insert(0, c * masks.get("key_value", no_mask)[t + 1])
         if len(window) > window_size:
             window.pop()  # ... and the oldest leaves once k are held.
 
