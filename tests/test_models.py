@@ -118,7 +118,9 @@ def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
         return result
 
     monkeypatch.setattr(jax.nn, "softmax", recording_softmax)
-    model = SequenceClassifier(CLASSES, **SMALL, **DROPOUTS, dtype=jnp.bfloat16)
+    model = SequenceClassifier(
+        CLASSES, **{**SMALL, "num_layers": 1}, **DROPOUTS, dtype=jnp.bfloat16
+    )
     with nn.intercept_methods(record_norm_statistics):
         variables, _, updates = train_step_gradients(model)
 

@@ -453,9 +453,10 @@ def result_files(experiment: pathlib.Path) -> dict[str, bytes]:
 def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Four 2-epoch trials: a NaN loss, data with a NaN, data too large for memory, and one that
-    finishes. Failed trials are recorded with their error and the sweep goes on; --resume keeps
-    every trial as it was (failed ones are not tried again, finished ones not re-run)."""
+    """Three 2-epoch trials: data with a NaN, data too large for memory, and one that finishes
+    (a NaN loss fails a trial in the slow tests). Failed trials are recorded with their error and
+    the sweep goes on; --resume keeps every trial as it was (failed ones are not tried again,
+    finished ones not re-run)."""
     good, nan, huge = (
         f"npz:{write(tmp_path / name)}"
         for write, name in (
@@ -470,7 +471,6 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
         name="reduced",
         sampled={**TINY_SPACE.sampled, "dataset": hp.choice("dataset", [good, nan, huge])},
         initial_points=(
-            {**point, "learning_rate": 1e30, "dataset": good},
             {**point, "dataset": nan},
             {**point, "dataset": huge},
             {**point, "dataset": good},
@@ -480,7 +480,7 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
     experiment = tmp_path / "sweeps" / "reduced"
     where = ["--storage", str(tmp_path / "sweeps"), "--name", "reduced"]
     space_name = f"{__name__}:REDUCED_SPACE"
-    argv = [*where, "--space", space_name, "--num-samples", "4", "--scheduler", "fifo"]
+    argv = [*where, "--space", space_name, "--num-samples", "3", "--scheduler", "fifo"]
     assert sweep.main(argv) == 0
     output = capsys.readouterr().out
 
@@ -494,12 +494,6 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
         for record in records
     }
     assert outcomes == {
-        (1e30, good): (
-            "ERROR",
-            [],
-            "NonFiniteLossError: the training loss is nan at epoch 1, step 2; stopping: no "
-            "epoch had completed, so there is no checkpoint.",
-        ),
         (0.01, nan): (
             "ERROR",
             [],
@@ -517,12 +511,12 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
     for record in records:
         if record.error:
             assert f"trial {record.trial_id} failed: {record.error}\n" in output
-    assert "4 trials: 3 error, 1 finished\n" in output
+    assert "3 trials: 2 error, 1 finished\n" in output
     results = result_files(experiment)
-    assert len(results) == 4
+    assert len(results) == 3
 
     assert sweep.main([*where, "--resume"]) == 0
-    assert "4 trials: 3 error, 1 finished\n" in capsys.readouterr().out
+    assert "3 trials: 2 error, 1 finished\n" in capsys.readouterr().out
     assert result_files(experiment) == results  # no trial reported anything again
     resumed = analyze_sweep.load_experiment(str(experiment))
     assert {r.trial_id: (r.tune_status, r.error) for r in resumed} == {

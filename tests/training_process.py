@@ -3,8 +3,8 @@
     python tests/training_process.py [--kill-before-step N | --kill-before-manifest EPOCH] \\
         -- TRAIN FLAGS
 
-``--kill-before-step N``: the process kills itself just before training step ``N`` (counted from
-1 over the whole run, as it goes on after a resume: the first step of this process is step 1).
+``--kill-before-step N``: the process kills itself just before the ``N``-th training step it runs
+(1: its first, whatever epoch it starts from).
 ``--kill-before-manifest EPOCH``: the process kills itself once Orbax has committed the checkpoint
 of ``EPOCH`` and before its ``sha256sums.json`` is written, leaving the step folder a crash
 during saving leaves. The kill is ``os.kill(os.getpid(), SIGKILL)``: nothing is cleaned up, as
