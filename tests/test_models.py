@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 from flax import traverse_util
 
 from larnn_jax import BNLSTMCell, LARNNCell
@@ -95,8 +94,9 @@ def test_running_statistics_move_in_training_and_stay_in_evaluation():
         np.testing.assert_array_equal(value, before[name])
 
 
+@pytest.mark.parametrize("scan", ["fused", "plain"])
 def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, scan: str
 ) -> None:
     """With ``dtype=bfloat16``, a training step computes every batch-norm statistic and every
     attention softmax in float32, and keeps the running averages in float32: checked on the arrays
@@ -118,13 +118,12 @@ def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
         return result
 
     monkeypatch.setattr(jax.nn, "softmax", recording_softmax)
-    model = SequenceClassifier(
-        CLASSES, **{**SMALL, "num_layers": 1}, **DROPOUTS, dtype=jnp.bfloat16
-    )
+    cell = LARNNCell(H, num_heads=2, window_size=3, dtype=jnp.bfloat16, **DROPOUTS)
+    model = SequenceClassifier(CLASSES, cell, num_layers=1, scan=scan)
     with nn.intercept_methods(record_norm_statistics):
         variables, _, updates = train_step_gradients(model)
 
-    window_scores = (B, SMALL["window_size"], SMALL["num_heads"])
+    window_scores = (B, cell.window_size, cell.num_heads)
     assert softmax_inputs and {shape for shape, _ in softmax_inputs} == {window_scores}
     assert {dtype for _, dtype in softmax_inputs} == {jnp.dtype("float32")}
     names = {"key_norm", "value_norm", "attention_norm", "gate_norm", "cell_norm", "hidden_norm"}
