@@ -94,33 +94,48 @@ RUNNERS = ("nn.RNN", "fused")
 
 
 def _recording_dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool):
-    """``larnn_jax.cell._dropout``, which also sows the factors it multiplies by (0, or
-    ``1 / (1 - rate)``) into ``intermediates``, as ``output`` (``h_t``, from the gated update),
-    ``attention`` (the ``(B, k, n)`` weights) or ``key_value`` (the entering cell state).
-
-    It draws from the same rng in the same way: :func:`test_dropout_matches_the_reference` checks
-    that the results are the library's, bit for bit.
+    """The library's ``larnn_jax.cell._dropout``, run as it is, which also sows the factors it
+    multiplies by (0 where dropped, ``1 / keep probability`` where kept) into ``intermediates``,
+    as ``output`` (``h_t``, from the gated update), ``attention`` (the ``(B, k, n)`` weights) or
+    ``key_value`` (the entering cell state). The factors are those of the mask that
+    ``larnn_jax.cell.dropout_keep_mask`` returns to it, caught on the way.
     """
     if rate == 0.0 or deterministic:
-        return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+        return _library_dropout(module, rate, x, deterministic)
+    factors = []
+    keep_mask = cell_module.dropout_keep_mask
+
+    def catching_keep_mask(*args, **kwargs):
+        keep, keep_probability = keep_mask(*args, **kwargs)
+        factors.append(jnp.where(keep, 1.0 / keep_probability, 0.0))
+        return keep, keep_probability
+
+    cell_module.dropout_keep_mask = catching_keep_mask
+    try:
+        result = _library_dropout(module, rate, x, deterministic)
+    finally:
+        cell_module.dropout_keep_mask = keep_mask
+    (factor,) = factors
     if isinstance(module, GatedUpdate):
         site = "output"
     else:
         site = "attention" if x.ndim == 3 else "key_value"
-    module.sow("intermediates", site, jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    module.sow("intermediates", site, factor.astype(x.dtype))
+    return result
+
+
+#: The library's own dropout, which :func:`recording_dropout` replaces while a function is traced.
+_library_dropout = cell_module._dropout
 
 
 @contextlib.contextmanager
 def recording_dropout() -> Iterator[None]:
     """Makes the cell use :func:`_recording_dropout` while a function is traced."""
-    dropout = cell_module._dropout
     cell_module._dropout = _recording_dropout
     try:
         yield
     finally:
-        cell_module._dropout = dropout
+        cell_module._dropout = _library_dropout
 
 
 @functools.cache
@@ -403,8 +418,9 @@ def test_dropout_matches_the_reference(cfg: Config):
         "key_value": (steps, batch, features),
         "attention": (steps, batch, cfg.window, cfg.heads),
     }
-    for mask in masks.values():
-        assert set(np.unique(mask)) == {0.0, 1 / 0.7}  # some dropped, some kept (scaled)
+    for mask in masks.values():  # some dropped, some kept (scaled by 1 / keep probability)
+        dropped, kept = np.unique(mask)
+        assert dropped == 0.0 and kept == pytest.approx(1 / 0.7, rel=1e-4)
     compare_with_reference(cfg, train=True)
 
 
