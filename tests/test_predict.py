@@ -10,8 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
+from test_benchmarks import read_json
 from test_train import make_dataset, read_lines, tiny_config
 
+from benchmarks import stream_predict
 from experiments import predict
 from experiments import train as train_module
 from experiments.checkpoints import CheckpointStore
@@ -353,3 +355,26 @@ def test_bad_npz_input_and_run_folders(
         args = ["--checkpoint", str(checkpoint), "--input", str(data)]
         assert predict.main([*args, *(["--step", step] if step else [])]) == 2
         assert errors(capsys.readouterr().err) == [f"error: {message}"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The latency benchmark
+
+
+def test_stream_latency_benchmark_at_tiny_sizes(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "stream_predict.json"
+    sizes = ["--hidden", "6", "--heads", "2", "--window", "3", "--steps", "8", "--inputs", "3"]
+    runs = ["--layers", "2", "--strides", "8,3", "--samples", "6", "--warmup", "1"]
+    stream_predict.main(
+        [*sizes, *runs, "--repeats", "2", "--models", "larnn,lstm", "--out", str(out)]
+    )
+    document = read_json(out, "stream_predict")
+    assert [(row["model"], row["stride"], row["carries"]) for row in document["rows"]] == [
+        ("larnn", 8, 1),
+        ("larnn", 3, 3),
+        ("lstm", 8, 1),
+        ("lstm", 3, 3),
+    ]
+    for row in document["rows"]:
+        assert 0 < row["median_us"] <= row["p99_us"] and row["samples"] == 6
+        assert row["recompute_per_sample_us"] == row["recompute_window_us"] / row["stride"]
