@@ -35,12 +35,9 @@ from benchmarks.common import (
     Workload,
     add_run_arguments,
     add_subset_argument,
-    describe_machine,
-    format_table,
     interleaved_timings,
-    machine_info,
+    print_and_write,
     summarize,
-    write_json,
 )
 from experiments.predict import Predictor
 from experiments.preprocessing import Preprocessing
@@ -133,28 +130,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     payload = {"benchmark": "stream_predict", "config": vars(args), "rows": rows}
 
-    print(describe_machine(machine_info()))
-    print(
+    print_and_write(
+        args.out,
+        payload,
         f"T={args.steps}, C={args.inputs}, H={args.hidden}, heads {args.heads}, "
         f"k={args.window}, {args.layers} layers, {args.classes} classes; {args.samples} pushes "
-        f"per stream, in turns; recompute: median of {args.repeats}"
+        f"per stream, in turns; recompute: median of {args.repeats}",
+        [
+            Column("model", "model"),
+            Column("stride", "stride"),
+            Column("carries", "carries"),
+            Column("median_us", "median µs/sample", "{:.0f}"),
+            Column("p99_us", "p99 µs", "{:.0f}"),
+            Column("mean_us", "mean µs", "{:.0f}"),
+            Column("recompute_window_us", "recompute µs/window", "{:.0f}"),
+            Column("recompute_per_sample_us", "recompute µs/sample", "{:.0f}"),
+        ],
     )
-    print(
-        format_table(
-            rows,
-            [
-                Column("model", "model"),
-                Column("stride", "stride"),
-                Column("carries", "carries"),
-                Column("median_us", "median µs/sample", "{:.0f}"),
-                Column("p99_us", "p99 µs", "{:.0f}"),
-                Column("mean_us", "mean µs", "{:.0f}"),
-                Column("recompute_window_us", "recompute µs/window", "{:.0f}"),
-                Column("recompute_per_sample_us", "recompute µs/sample", "{:.0f}"),
-            ],
-        )
-    )
-    write_json(args.out, payload)
     return payload
 
 
