@@ -6,7 +6,9 @@ configuration unless sizes are given: each sample advances ``ceil(T / stride)`` 
 window in progress, by one jitted call, and every ``stride`` samples one of them completes its
 window of ``T`` steps. Each push is timed on its own, from the raw sample to the probabilities
 being ready (dispatch from Python included, text parsing not); the streams take turns, one push
-each. The table gives the median, the 99th percentile and the mean.
+each. The table gives the median, the 99th percentile and the mean of the wall-clock time, and
+the median of this process's CPU time per push (all threads: what the push computes, which
+other processes on the machine disturb much less than its wall-clock time).
 
 For comparison, ``recompute`` classifies one whole window ``(1, T, C)`` with the batch path
 (:meth:`experiments.predict.Predictor.predict`, the layers' default scan): what a stream that
@@ -21,8 +23,10 @@ The parameters are a fresh initialisation (the latency does not depend on their 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +68,19 @@ def make_predictor(workload: Workload, seed: int = 0) -> Predictor:
     )
 
 
+def with_cpu_time(function: Callable[[], Any], seconds: list[float]) -> Callable[[], Any]:
+    """``function``, appending the CPU time of this process (all threads) that each call takes
+    to ``seconds``."""
+
+    def timed() -> Any:
+        start = time.process_time()
+        result = function()
+        seconds.append(time.process_time() - start)
+        return result
+
+    return timed
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -86,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pushes: dict[str, Callable[[], Any]] = {}
     recomputes: dict[str, Callable[[], Any]] = {}
     carries: dict[str, int] = {}
+    cpu_times: dict[str, list[float]] = collections.defaultdict(list)
     for block in args.models:
         workload = Workload(
             block=block,
@@ -103,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stream = predictor.stream(stride)
             feed = itertools.cycle(samples)
             label = f"{block}/{stride}"
-            pushes[label] = lambda stream=stream, feed=feed: stream.push(next(feed))
+            pushes[label] = with_cpu_time(
+                lambda stream=stream, feed=feed: stream.push(next(feed)), cpu_times[label]
+            )
             carries[label] = stream.slots
         window = samples[None, : args.steps]
         recomputes[block] = lambda predictor=predictor, window=window: predictor.predict(window)
@@ -114,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for label, timings in push_samples.items():
         block, stride = label.split("/")
         push = summarize(timings)
+        cpu = cpu_times[label][args.warmup :]  # the timed pushes
         recompute = summarize(recompute_samples[block])["median_s"] * 1e6
         rows.append(
             {
@@ -123,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "median_us": push["median_s"] * 1e6,
                 "p99_us": push["p99_s"] * 1e6,
                 "mean_us": float(np.mean(timings)) * 1e6,
+                "cpu_median_us": float(np.median(cpu)) * 1e6,
                 "recompute_window_us": recompute,
                 "recompute_per_sample_us": recompute / int(stride),
                 "samples": push["repeats"],
@@ -143,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             Column("median_us", "median µs/sample", "{:.0f}"),
             Column("p99_us", "p99 µs", "{:.0f}"),
             Column("mean_us", "mean µs", "{:.0f}"),
+            Column("cpu_median_us", "CPU µs/sample", "{:.0f}"),
             Column("recompute_window_us", "recompute µs/window", "{:.0f}"),
             Column("recompute_per_sample_us", "recompute µs/sample", "{:.0f}"),
         ],

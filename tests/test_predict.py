@@ -377,4 +377,5 @@ def test_stream_latency_benchmark_at_tiny_sizes(tmp_path: pathlib.Path) -> None:
     ]
     for row in document["rows"]:
         assert 0 < row["median_us"] <= row["p99_us"] and row["samples"] == 6
+        assert row["cpu_median_us"] > 0
         assert row["recompute_per_sample_us"] == row["recompute_window_us"] / row["stride"]
