@@ -27,8 +27,8 @@ goes to standard output, or to standard error when the predictions do.
 ``--stream``: reads one time step per line from standard input, as a sensor sends them, and
 prints a prediction every ``--stride`` steps, each of the last ``T`` steps: the windows the model
 was trained on (see :class:`StreamPredictor`). A bad line is reported on standard error with its
-line number and skipped. At the end of the input, a summary with the latency per sample goes to
-standard error.
+line number and skipped. At the end of the input (or at Ctrl-C, or when the reader of the
+predictions goes away), a summary with the latency per sample goes to standard error.
 
 Exit status: 0 success, 2 a usage or input error (bad input file or line, unusable run folder or
 checkpoint), 1 the run's dataset could not be loaded where it is needed.
@@ -658,7 +658,7 @@ def run_stream(
     writer = PredictionWriter(out, kind, predictor.class_names, with_start=True)
     out.flush()
     skipped = predictions = 0
-    interrupted = False
+    stopped = None
     try:
         for _, values in time_steps(lines, predictor.channels, STDIN):
             if isinstance(values, InputError):
@@ -671,7 +671,9 @@ def run_stream(
                 out.flush()
                 predictions += 1
     except KeyboardInterrupt:  # Ctrl-C ends a live stream: still say what it did
-        interrupted = True
+        stopped = "interrupted"
+    except BrokenPipeError:  # the reader of the predictions went away (e.g. `| head`)
+        stopped = "output closed"
     summary = {
         "checkpoint": str(predictor.checkpoint_dir),
         "epoch": predictor.epoch,
@@ -682,8 +684,8 @@ def run_stream(
         "predictions": predictions,
         "latency_per_sample": stream.latency_summary(),
     }
-    if interrupted:
-        summary["interrupted"] = True
+    if stopped is not None:
+        summary["stopped"] = stopped
     return summary
 
 
@@ -742,8 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error
+            _discard_stdout()
         print(json.dumps(summary, indent=2), file=sys.stderr)
     else:
         write_atomically(pathlib.Path(args.output), text)
@@ -756,8 +761,18 @@ def _stream(predictor: Predictor, stride: int, kind: str, output: str | None) ->
     lines = iter(sys.stdin.readline, "")
     with open(output, "w") if output else contextlib.nullcontext(sys.stdout) as out:
         summary = run_stream(predictor, lines, stride, out, sys.stderr, kind)
+    if summary.get("stopped") == "output closed" and output is None:
+        _discard_stdout()
     print(json.dumps(summary, indent=2), file=sys.stderr)
-    return 130 if summary.get("interrupted") else 0
+    return 130 if summary.get("stopped") == "interrupted" else 0
+
+
+def _discard_stdout() -> None:
+    """Points standard output at the null device, so that nothing written to the closed pipe
+    (not even Python's flush at exit) raises again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 if __name__ == "__main__":

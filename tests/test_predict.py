@@ -254,6 +254,39 @@ def test_stream_reports_bad_lines_and_goes_on(predictor: Predictor, series: np.n
     assert 0 < latency["median_us"] <= latency["p99_us"]
 
 
+def test_stream_ends_with_its_summary_when_interrupted_or_its_reader_leaves(
+    predictor: Predictor, series: np.ndarray
+) -> None:
+    lines = [",".join(repr(float(v)) for v in row) + "\n" for row in series[:25]]
+
+    def interrupted():
+        yield from lines[:12]
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    summary = predict.run_stream(predictor, interrupted(), 5, out, io.StringIO(), "csv")
+    assert (summary["stopped"], summary["samples"], summary["predictions"]) == (
+        "interrupted",
+        12,
+        1,
+    )
+    assert len(out.getvalue().splitlines()) == 2
+
+    class ClosedAfterTwoRows(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.getvalue().count("\n") == 3:  # the header and two rows
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    closed = ClosedAfterTwoRows()
+    summary = predict.run_stream(predictor, lines, 5, closed, io.StringIO(), "csv")
+    assert (summary["stopped"], summary["samples"], summary["predictions"]) == (
+        "output closed",
+        20,  # the third prediction, at sample 20, found the output closed
+        2,
+    )
+
+
 def test_stream_rejects_what_it_cannot_use(predictor: Predictor) -> None:
     stream = predictor.stream(4)
     with pytest.raises(ValueError, match=r"^a sample must hold 3 finite numbers; got "):
