@@ -155,22 +155,22 @@ def time_steps(lines: Iterable[str], channels: int, where: str) -> Iterator[tupl
 
 
 def read_text(path: pathlib.Path, channels: int) -> tuple[np.ndarray, int]:
-    """A text file's time steps ``(R, C)`` float32 and its number of lines.
+    """A text file's time steps ``(R, C)`` float32 and the line of the last one (0: none).
 
     Raises:
         InputError: the first bad line (:func:`parse_time_step`), or an unreadable file.
     """
     rows = []
-    lines = 0
+    last_line = 0
     try:
         with path.open(encoding="utf-8", errors="replace", newline=None) as file:
-            for lines, values in time_steps(file, channels, str(path)):  # noqa: B007
+            for last_line, values in time_steps(file, channels, str(path)):  # noqa: B007
                 if isinstance(values, InputError):
                     raise values
                 rows.append(values)
     except OSError as err:
         raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
-    return np.array(rows, np.float32).reshape(len(rows), channels), lines
+    return np.array(rows, np.float32).reshape(len(rows), channels), last_line
 
 
 def sliding_windows(values: np.ndarray, length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,10 +265,10 @@ def read_input(path: pathlib.Path, preprocessing: Preprocessing, stride: int) ->
         raise InputError(f"{path}: no such file")
     if zipfile.is_zipfile(path) or path.suffix == ".npz":
         return read_npz(path, preprocessing)
-    values, lines = read_text(path, preprocessing.channels)
+    values, last_line = read_text(path, preprocessing.channels)
     length = preprocessing.steps
     if len(values) < length:
-        where = f"{path}: line {lines}" if lines else f"{path}"
+        where = f"{path}: line {last_line}" if last_line else f"{path}"
         raise InputError(
             f"{where}: the input ends after {len(values)} time steps, fewer than one window of "
             f"{length}"
