@@ -203,6 +203,20 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -
     return "\n".join(lines)
 
 
+def print_and_write(
+    out: str | os.PathLike[str],
+    payload: Mapping[str, Any],
+    description: str,
+    columns: Sequence[Column],
+) -> None:
+    """Prints the machine, ``description`` and the table of ``payload["rows"]``, then writes
+    ``payload`` to ``out`` (:func:`write_json`)."""
+    print(describe_machine(machine_info()))
+    print(description)
+    print(format_table(payload["rows"], columns))
+    write_json(out, payload)
+
+
 def default_out(script: str) -> str:
     """The default JSON path of a script: ``benchmarks/results/<script>.json``."""
     return str(RESULTS_DIR / f"{script}.json")

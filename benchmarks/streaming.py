@@ -35,12 +35,9 @@ from benchmarks.common import (
     Column,
     add_run_arguments,
     add_subset_argument,
-    describe_machine,
-    format_table,
     interleaved_timings,
-    machine_info,
+    print_and_write,
     summarize,
-    write_json,
 )
 from benchmarks.naive_cell import SCAN as NAIVE_SCAN
 from benchmarks.naive_cell import NaiveLARNNCell, naive_twin
@@ -143,25 +140,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     payload = {"benchmark": "streaming", "config": vars(args), "rows": rows}
 
-    print(describe_machine(machine_info()))
-    print(
+    print_and_write(
+        args.out,
+        payload,
         f"batch 1, D={args.inputs}, H={args.hidden}, heads {args.heads}, k={args.window}; "
         f"{args.calls} calls per cell, in turns; in-scan: {args.scan_steps} steps, median of "
-        f"{args.repeats}"
+        f"{args.repeats}",
+        [
+            Column("cell", "cell/norm"),
+            Column("median_us", "median µs", "{:.1f}"),
+            Column("p99_us", "p99 µs", "{:.1f}"),
+            Column("min_us", "min µs", "{:.1f}"),
+            Column("in_scan_us", "in-scan µs/step", "{:.1f}"),
+        ],
     )
-    print(
-        format_table(
-            rows,
-            [
-                Column("cell", "cell/norm"),
-                Column("median_us", "median µs", "{:.1f}"),
-                Column("p99_us", "p99 µs", "{:.1f}"),
-                Column("min_us", "min µs", "{:.1f}"),
-                Column("in_scan_us", "in-scan µs/step", "{:.1f}"),
-            ],
-        )
-    )
-    write_json(args.out, payload)
     return payload
 
 

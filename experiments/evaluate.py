@@ -15,17 +15,19 @@ folder (or ``--output``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import report
 from experiments.checkpoints import CheckpointError, CheckpointStore, discover_checkpoint_dir
@@ -65,10 +67,59 @@ class RestoredRun:
     checkpoint_dir: pathlib.Path
 
 
-def restore_run(
+@dataclasses.dataclass(frozen=True)
+class OpenCheckpoint:
+    """The checkpoint of a run that a model is restored from, its store open for reading.
+
+    Attributes:
+        store: the run's checkpoint store (read-only).
+        step: the epoch whose checkpoint is used.
+        config: the run's configuration (``data_dir`` possibly overridden).
+    """
+
+    store: CheckpointStore
+    step: int
+    config: TrainConfig
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        """The run folder ``OUT``."""
+        return self.store.directory.parent
+
+    @property
+    def step_dir(self) -> pathlib.Path:
+        """The checkpoint's step folder."""
+        return self.store.step_dir(self.step)
+
+    def restore_model(
+        self, num_classes: int, sample: np.ndarray
+    ) -> tuple[SequenceClassifier, dict[str, Any]]:
+        """The run's classifier and its training state from this checkpoint.
+
+        Args:
+            num_classes: the number of classes of the run's dataset.
+            sample: an input batch ``(B, T, C)`` of the run's data (only its shape and dtype
+                matter).
+
+        Raises:
+            CheckpointError: the checkpoint does not fit the model.
+        """
+        model = build_model(self.config, num_classes)
+        # Only the structure of the optimiser state matters here, not its schedule.
+        tx = make_optimizer(self.config, steps_per_epoch=1)
+        target = jax.eval_shape(
+            lambda x: init_state(model, tx, x, self.config.seed), jnp.asarray(sample)
+        )
+        state, _ = self.store.restore(self.step, target)
+        return model, state
+
+
+@contextlib.contextmanager
+def open_checkpoint(
     checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
-) -> RestoredRun:
-    """Restores a model, its configuration and its data from a checkpoint.
+) -> Iterator[OpenCheckpoint]:
+    """Finds the checkpoint to restore and reads the run's configuration from it; a context
+    manager that keeps the store open.
 
     Args:
         checkpoint: a run folder, its ``checkpoints`` folder, or one step folder in it.
@@ -95,18 +146,28 @@ def restore_run(
                     latest,
                 )
                 step = latest
+        store.restore(step)  # CheckpointError now if that step is absent or bad
         config = TrainConfig.from_saved(meta["config"])
         if data_dir is not None:
             config = dataclasses.replace(config, data_dir=data_dir)
-        dataset = load_config_dataset(config)
-        model = build_model(config, dataset.num_classes)
-        # Only the structure of the optimiser state matters here, not its schedule.
-        tx = make_optimizer(config, steps_per_epoch=1)
-        target = jax.eval_shape(
-            lambda x: init_state(model, tx, x, config.seed), jnp.asarray(dataset.test.x[:1])
-        )
-        state, _ = store.restore(step, target)
-        return RestoredRun(config, dataset, model, state, step, store.step_dir(step))
+        yield OpenCheckpoint(store, step, config)
+
+
+def restore_run(
+    checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
+) -> RestoredRun:
+    """Restores a model, its configuration and its data from a checkpoint.
+
+    Args:
+        checkpoint, step, data_dir: as for :func:`open_checkpoint`.
+
+    Raises:
+        CheckpointError: no usable checkpoint, or the requested step is absent or bad.
+    """
+    with open_checkpoint(checkpoint, step=step, data_dir=data_dir) as opened:
+        dataset = load_config_dataset(opened.config)
+        model, state = opened.restore_model(dataset.num_classes, dataset.test.x[:1])
+        return RestoredRun(opened.config, dataset, model, state, opened.step, opened.step_dir)
 
 
 def evaluate_checkpoint(
@@ -137,11 +198,9 @@ def evaluate_checkpoint(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0]
-    )
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The arguments of :func:`open_checkpoint`: ``--checkpoint``, ``--step`` and ``--data-dir``
+    (``verb``: what the command does with the checkpoint)."""
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -152,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--step",
         type=int,
         metavar="N",
-        help="evaluate the checkpoint of epoch N (default: the run's epoch selected by "
+        help=f"{verb} the checkpoint of epoch N (default: the run's epoch selected by "
         "validation accuracy)",
     )
     parser.add_argument(
@@ -160,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder that holds 'UCI HAR Dataset/' (default: the run's, else $LARNN_DATA_DIR)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    add_checkpoint_arguments(parser, "evaluate")
     parser.add_argument(
         "--output",
         metavar="DIR",

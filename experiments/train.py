@@ -8,6 +8,8 @@
 Everything a run produces goes to its folder ``OUT``:
 
     config.json            the full configuration (TrainConfig fields)
+    preprocessing.json     the input standardisation and class names, for predictions on new
+                           data (see experiments/preprocessing.py)
     metrics.jsonl          one JSON line per epoch (also printed to stdout)
     checkpoints/           every epoch's state, see experiments/checkpoints.py
     report.json            final figures, see experiments/report.py
@@ -50,6 +52,7 @@ from experiments.config import (
     load_config_dataset,
     load_config_file,
 )
+from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 from experiments.steps import (
     PyTree,
     SplitResult,
@@ -315,6 +318,7 @@ def _train_in(
     state = init_state(model, tx, jnp.asarray(dataset.train.x[:1]), config.seed)
     state, progress = _restore_progress(out, config, store, state)
     _write_json_atomically(out / "config.json", config.to_dict())
+    _write_json_atomically(out / PREPROCESSING_FILE, Preprocessing.from_dataset(dataset).to_dict())
     metrics_path = out / "metrics.jsonl"
     _write_metrics_file(metrics_path, progress.history)
 
