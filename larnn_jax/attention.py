@@ -54,6 +54,21 @@ def head_minor_order(features: int, num_heads: int) -> np.ndarray:
     return np.arange(features).reshape(num_heads, head_size).T.reshape(-1)
 
 
+def to_head_minor(x: jax.Array, num_heads: int) -> jax.Array:
+    """``(..., H)`` in the natural order → head-minor order (``x[..., head_minor_order(H, n)]``,
+    as a transpose: its gradient is a transpose too, not a scatter)."""
+    head_size = x.shape[-1] // num_heads
+    grid = x.reshape(*x.shape[:-1], num_heads, head_size)
+    return jnp.swapaxes(grid, -1, -2).reshape(x.shape)
+
+
+def from_head_minor(x: jax.Array, num_heads: int) -> jax.Array:
+    """The inverse of :func:`to_head_minor`."""
+    head_size = x.shape[-1] // num_heads
+    grid = x.reshape(*x.shape[:-1], head_size, num_heads)
+    return jnp.swapaxes(grid, -1, -2).reshape(x.shape)
+
+
 def head_sums(x: jax.Array, num_heads: int) -> jax.Array:
     """``(..., H)`` in head-minor order → ``(..., n)``: each head's sum over its features."""
     return jnp.sum(x.reshape(*x.shape[:-1], -1, num_heads), axis=-2)

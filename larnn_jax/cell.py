@@ -26,7 +26,13 @@ from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, PRNGKey
 
 from larnn_jax import window as fifo
-from larnn_jax.attention import head_minor_order, positional_encoding, window_attention
+from larnn_jax.attention import (
+    from_head_minor,
+    head_minor_order,
+    positional_encoding,
+    to_head_minor,
+    window_attention,
+)
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
 from larnn_jax.window import WindowScheme, WindowState, WindowView
 
@@ -514,8 +520,7 @@ class LARNNCell(nn.RNNCellBase):
 
         ``W c + b`` each, and ``elu`` of it where the scheme caches the activation.
         """
-        order = self.window_feature_order
-        key, value = self.key(c)[..., order], self.value(c)[..., order]
+        key, value = (to_head_minor(d(c), self.num_heads) for d in (self.key, self.value))
         if self.scheme.caches_activation:
             return jax.nn.elu(key), jax.nn.elu(value)
         return key, value
@@ -544,7 +549,7 @@ class LARNNCell(nn.RNNCellBase):
         scheme = self.scheme
         # The window's features are in head-minor order; the query joins them there.
         order = self.window_feature_order
-        query = query[..., order]
+        query = to_head_minor(query, self.num_heads)
         keys = self.window_features(window.key_entries, "key")  # E_K (B, k, H)
         values = self.window_features(window.value_entries, "value")  # E_V (B, k, H)
         key_moments = value_moments = None
@@ -580,7 +585,9 @@ class LARNNCell(nn.RNNCellBase):
         context, weight_total = window_attention(
             query, keys, values, window.mask, weights_scale, self.num_heads
         )
-        attended = (context * value_scale + weight_total * value_shift)[..., np.argsort(order)]
+        attended = from_head_minor(
+            context * value_scale + weight_total * value_shift, self.num_heads
+        )
         a = self.attention_norm(
             jax.nn.elu(self.attention_output(attended.astype(keys.dtype))),
             use_running_average=running,
@@ -599,7 +606,7 @@ class LARNNCell(nn.RNNCellBase):
         table = positional_encoding(
             self.window_size, jnp.result_type(entries.dtype, self.param_dtype)
         )
-        pre_activation = entries + position(jnp.asarray(table))[..., self.window_feature_order]
+        pre_activation = entries + to_head_minor(position(jnp.asarray(table)), self.num_heads)
         return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
 
     def zero_state_entries(self, dtype: Dtype) -> jax.Array:
