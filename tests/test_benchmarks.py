@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end on tiny sizes and write the JSON they promise.
 
 Each script's ``main`` runs in-process (the memory script's peak-RSS run starts one fresh
-process); the sizes are tiny so that the whole module takes well under a minute. The shared
+process); the sizes are tiny. Only the throughput script runs in the default suite; the others
+are marked slow. The shared
 helpers of ``benchmarks.common`` are checked on their own, without compiling anything.
 """
 
@@ -62,6 +63,7 @@ def test_throughput(tmp_path: Path) -> None:
     assert speedup["train"] > 0 and speedup["infer"] > 0
 
 
+@pytest.mark.slow
 def test_scaling_length(tmp_path: Path) -> None:
     """Rows per (length, model), crossovers, doubling ratios and the figure."""
     out = tmp_path / "scaling_length.json"
@@ -82,6 +84,7 @@ def test_scaling_length(tmp_path: Path) -> None:
     assert (Path.cwd() / document["figure"]).is_file()
 
 
+@pytest.mark.slow
 def test_scaling_length_runs_the_chosen_models_and_saves_after_every_length(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -135,6 +138,7 @@ def test_doubling_ratios() -> None:
     assert scaling_length.mean_doubling_ratio([]) is None
 
 
+@pytest.mark.slow
 def test_scaling_window(tmp_path: Path) -> None:
     """Cached and naive cell at each window size, with their time ratio."""
     out = tmp_path / "scaling_window.json"
@@ -146,6 +150,7 @@ def test_scaling_window(tmp_path: Path) -> None:
     assert Path(out.with_suffix(".png")).is_file()
 
 
+@pytest.mark.slow
 def test_streaming(tmp_path: Path) -> None:
     """A median and p99 per cell, and the in-scan cost per step."""
     out = tmp_path / "streaming.json"
@@ -159,6 +164,7 @@ def test_streaming(tmp_path: Path) -> None:
         assert row["in_scan_us"] > 0 and row["calls"] == 5
 
 
+@pytest.mark.slow
 def test_memory(tmp_path: Path) -> None:
     """The compiled analysis, and the peak RSS of a fresh process that runs one step."""
     out = tmp_path / "memory.json"

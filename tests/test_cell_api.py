@@ -254,6 +254,7 @@ def test_wrong_input_rank_or_size_is_named():
         cell.init(jax.random.key(0), carry, jnp.ones((B + 1, D)))
 
 
+@pytest.mark.slow
 def test_checkpointed_training_scan_gives_the_same_result_and_gradients():
     with jax.enable_x64(True):  # exact comparison: float32 rounding is amplified by batch norm
         x = make_inputs().astype(jnp.float64)[:, :8]

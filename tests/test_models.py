@@ -94,7 +94,7 @@ def test_running_statistics_move_in_training_and_stay_in_evaluation():
         np.testing.assert_array_equal(value, before[name])
 
 
-@pytest.mark.parametrize("scan", ["fused", "plain"])
+@pytest.mark.parametrize("scan", ["fused", pytest.param("plain", marks=pytest.mark.slow)])
 def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
     monkeypatch: pytest.MonkeyPatch, scan: str
 ) -> None:

@@ -72,7 +72,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+#: The cases of the default suite; the slow suite runs them all.
+FAST_CASES = ("residual", "layer-pe")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=() if n in FAST_CASES else pytest.mark.slow) for n in CASES],
+)
 def test_same_results_float64(name: str) -> None:
     """Outputs, carries and updated statistics agree to far below float32 rounding."""
     results = run_both(CASES[name], np.float64)
@@ -82,7 +89,9 @@ def test_same_results_float64(name: str) -> None:
         assert_close(cached, naive, RTOL_FLOAT64)
 
 
-@pytest.mark.parametrize("pe", [True, False], ids=["pe", "nope"])
+@pytest.mark.parametrize(
+    "pe", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["pe", "nope"]
+)
 def test_same_results_float32(pe: bool) -> None:
     """The float32 cells agree to a relative 1e-5 (a batch of 16 keeps the norms well scaled)."""
     for cached, naive in run_both(CellCase(pe=pe, batch=16), np.float32).values():

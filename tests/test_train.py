@@ -37,7 +37,7 @@ def make_dataset(path: pathlib.Path, *, train_rows: int = 960, steps: int = 10) 
     def rows(count: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, CLASSES, count)
         time_axis = np.arange(steps)
-        x = rng.normal(0.0, 0.5, (count, steps, 3))
+        x = rng.normal(0.0, 0.3, (count, steps, 3))
         x[:, :, 0] += labels[:, None] - 1.0
         x[:, :, 1] += np.sin(time_axis[None, :] * (labels[:, None] + 1) / 3)
         return x.astype(np.float32), labels

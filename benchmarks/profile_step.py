@@ -1,0 +1,127 @@
+"""Where a training step's time goes: XLA's own per-operation trace, grouped by kind.
+
+Runs the training's step (:class:`benchmarks.common.TrainingBench`) of each chosen model under
+``jax.profiler`` with XLA:CPU's per-operation trace events on
+(``--xla_cpu_enable_xprof_traceme``, which this script sets before JAX starts), then adds up the
+events of XLA's worker threads by operation kind: the fusion or operation name without its
+number (``ynn_fusion`` are the matrix products XLA hands to its XNNPACK-based library,
+``while`` the scans' loops, ``*dynamic-update-slice*`` writes into buffers, ``copy`` copies).
+Durations are summed over threads, so they add up to more than the wall time on several cores;
+the shares are what to read. Tracing itself slows the many small operations of a recurrent step,
+so the step takes longer here than in ``throughput.py``.
+
+    python -m benchmarks.profile_step        # LARNN (fused, plain) and Flax's LSTM, paper sizes
+    python -m benchmarks.profile_step --models larnn,larnn_plain --top 15
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
+
+import argparse
+import collections
+import pathlib
+import re
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from benchmarks.common import (
+    BLOCKS,
+    Column,
+    TrainingBench,
+    add_run_arguments,
+    add_subset_argument,
+    add_workload_arguments,
+    print_and_write,
+    workload_from_args,
+)
+
+#: Trace events that are XLA's bookkeeping around the operations, not operations.
+_BOOKKEEPING = re.compile(r"^(ThunkExecutor|SlinkyThreadPool)")
+
+
+def operation_kinds(trace_dir: pathlib.Path) -> tuple[dict[str, float], dict[str, int]]:
+    """Total nanoseconds and count of each operation kind in the XLA threads of a trace."""
+    (path,) = sorted(trace_dir.glob("**/*.xplane.pb"))[-1:]
+    profile = jax.profiler.ProfileData.from_file(str(path))
+    seconds: dict[str, float] = collections.Counter()
+    counts: dict[str, int] = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # XLA:CPU's worker threads
+                continue
+            for event in line.events:
+                if _BOOKKEEPING.match(event.name):
+                    continue
+                kind = re.sub(r"\.\d+$", "", event.name)
+                seconds[kind] += event.duration_ns * 1e-9
+                counts[kind] += 1
+    return seconds, counts
+
+
+def profile(bench: TrainingBench, steps: int, warmup: int, top: int) -> dict[str, Any]:
+    """Traces ``steps`` training steps after ``warmup`` untraced ones; returns the ``top`` kinds
+    by time, per step."""
+    for _ in range(warmup):
+        bench()
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(steps):
+                bench()
+        seconds, counts = operation_kinds(pathlib.Path(folder))
+    total = sum(seconds.values())
+    kinds = [
+        {
+            "kind": kind,
+            "seconds_per_step": value / steps,
+            "share": value / total,
+            "events_per_step": counts[kind] / steps,
+        }
+        for kind, value in sorted(seconds.items(), key=lambda item: -item[1])[:top]
+    ]
+    return {"thread_seconds_per_step": total / steps, "kinds": kinds}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0]
+    )
+    add_workload_arguments(parser)
+    add_run_arguments(parser, "profile_step", repeats=2, warmup=1, memory_budget=False)
+    add_subset_argument(parser, "--models", BLOCKS)
+    parser.set_defaults(models=["larnn", "larnn_plain", "lstm"])
+    parser.add_argument("--top", type=int, default=12, help="operation kinds listed per model")
+    args = parser.parse_args(argv)
+    rows, payload = [], {"models": {}}
+    for block in args.models:
+        workload = workload_from_args(args, block)
+        result = profile(TrainingBench.of(workload), args.repeats, args.warmup, args.top)
+        payload["models"][block] = result
+        for kind in result["kinds"]:
+            rows.append({"model": block, **kind, "share": 100 * kind["share"]})
+    payload["rows"] = rows
+    print_and_write(
+        args.out,
+        payload,
+        f"training step, batch {args.batch}, T={args.steps}, {args.layers} layers; XLA:CPU "
+        f"operations by kind, thread time summed over {args.repeats} traced steps",
+        [
+            Column("model", "model"),
+            Column("kind", "operation kind"),
+            Column("seconds_per_step", "thread s/step", "{:.3f}"),
+            Column("share", "share %", "{:.1f}"),
+            Column("events_per_step", "events/step", "{:.0f}"),
+        ],
+    )
+    return payload
+
+
+if __name__ == "__main__":
+    main()
