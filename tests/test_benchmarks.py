@@ -38,6 +38,7 @@ def read_json(path: Path, benchmark: str) -> dict[str, Any]:
     return document
 
 
+@pytest.mark.slow
 def test_throughput(tmp_path: Path) -> None:
     """Every model gets a row (torch: a row or a clean skip) with ratios to Flax's LSTM."""
     out = tmp_path / "throughput.json"

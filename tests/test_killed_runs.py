@@ -69,6 +69,7 @@ def reference(data: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> p
     return out
 
 
+@pytest.mark.slow
 def test_run_killed_during_an_epoch_and_while_saving_resumes_bitwise(
     data: pathlib.Path, reference: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:

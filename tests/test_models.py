@@ -136,6 +136,7 @@ def test_bfloat16_training_step_keeps_statistics_and_softmax_in_float32(
         assert not np.array_equal(value, before[name]), name
 
 
+@pytest.mark.slow
 def test_evaluation_ignores_the_rest_of_the_batch_and_training_does_not():
     model = classifier()
     x, _ = batch()

@@ -52,8 +52,9 @@ FAILING_SPACE = dataclasses.replace(
     TINY_SPACE, initial_points=({"learning_rate": 1e30, "hidden": 4.0, "heads": 2.0},)
 )
 
-#: (low, high) of every sampled field, from SPEC §4 (``c·loguniform(-s, s)`` = c·e^-s .. c·e^s).
-SPEC_RANGES = {
+#: (low, high) of every sampled field, from docs/model.md §5
+#: (``c·loguniform(-s, s)`` = c·e^-s .. c·e^s).
+PAPER_RANGES = {
     "round1": {
         "learning_rate": (0.005 * math.exp(-0.5), 0.005 * math.exp(0.5)),
         "decay_every": (3, 10),
@@ -73,7 +74,7 @@ SPEC_RANGES = {
         "window": (25, 100),
     },
 }
-SPEC_CHOICES = {
+PAPER_CHOICES = {
     "round1": {
         "mode": {"residual", "layer"},
         "positional_encoding": {False, True},
@@ -131,7 +132,7 @@ def write_unloadable_dataset(path: pathlib.Path) -> pathlib.Path:
 @pytest.mark.parametrize("space", [ROUND_1, ROUND_2], ids=lambda space: space.name)
 def test_spaces_sample_the_ranges_of_the_spec(space: SearchSpace) -> None:
     points = sample(space, 3000)
-    ranges, choices = SPEC_RANGES[space.name], SPEC_CHOICES[space.name]
+    ranges, choices = PAPER_RANGES[space.name], PAPER_CHOICES[space.name]
     assert set(space.sampled) == set(ranges) | set(choices)
     for name, (low, high) in ranges.items():
         values = np.array([point[name] for point in points])
@@ -450,6 +451,7 @@ def result_files(experiment: pathlib.Path) -> dict[str, bytes]:
     return {path.parent.name: path.read_bytes() for path in experiment.glob("*/result.json")}
 
 
+@pytest.mark.slow
 def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
