@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh train,tune
 # tcmalloc reuses freed memory where glibc's malloc has the kernel fault in every page of every
-# step's buffers again: a CPU training step takes a quarter to a third less time (BENCHMARKS.md,
-# section 6). Preloaded when the system has it and LD_PRELOAD is unset (set it, even empty, to
+# step's buffers again: a CPU training step takes 15–30 % less time (BENCHMARKS.md, sections 1
+# and 6). Preloaded when the system has it and LD_PRELOAD is unset (set it, even empty, to
 # choose).
 tcmalloc="$(/sbin/ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}' || true)"
 if [ -n "$tcmalloc" ] && [ -z "${LD_PRELOAD+set}" ]; then
