@@ -3,18 +3,64 @@
 # 0, 1 and 2), copies each run's config.json, metrics.jsonl and report.json into results/uci_har/,
 # and regenerates the README's tables. Resumable: run it again after an interruption.
 # Usage: bash scripts/final_runs.sh [RUNS_DIR]      (default runs/final; checkpoints stay there)
-#        MODELS="larnn" SEEDS="1 2" bash scripts/final_runs.sh    (a part, e.g. per machine)
+#   MODELS="larnn" SEEDS="1 2"   a part of the table (e.g. per machine)
+#   PARALLEL=N                   N runs at a time (default 1; on a GPU one run's step is a chain of
+#                                small kernels that leaves most of the card idle, BENCHMARKS.md §7).
+#                                Each run's output goes to RUNS_DIR/NAME.log
+#   PYTHON=python3               an interpreter that has the dependencies already, instead of
+#                                scripts/train.sh's virtual environment (a machine without internet)
+#   EPOCHS=N                     fewer epochs, to check the script (its results are not the table's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs/final}"
+parallel="${PARALLEL:-1}"
+mkdir -p "$runs"
+if [ -n "${PYTHON:-}" ]; then
+  train=("$PYTHON" -m experiments.train)
+  table=("$PYTHON" -m experiments.results_table)
+else
+  bash scripts/setup.sh train,tune
+  train=(bash scripts/train.sh)
+  table=(.venv/bin/python -m experiments.results_table)
+fi
+if [ "$parallel" -gt 1 ]; then
+  # Each process takes GPU memory as it needs it instead of most of the card.
+  export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
+fi
+
+train_and_collect() {  # MODEL SEED; leaves RUNS_DIR/NAME.failed if the run fails
+  local name="$1-seed$2"
+  rm -f "$runs/$name.failed"
+  echo "$name: training (log: $runs/$name.log)"
+  if ! "${train[@]}" --model "$1" --seed "$2" --epochs "${EPOCHS:-100}" --no-progress \
+    --out "$runs/$name" --resume >>"$runs/$name.log" 2>&1; then
+    touch "$runs/$name.failed"
+    echo "$name: FAILED (see $runs/$name.log)" >&2
+    return
+  fi
+  mkdir -p "results/uci_har/$name"
+  cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
+    "results/uci_har/$name/"
+  echo "$name: done"
+}
+
+names=()
 for model in ${MODELS:-larnn bnlstm lstm}; do
   for seed in ${SEEDS:-0 1 2}; do
-    name="$model-seed$seed"
-    bash scripts/train.sh --model "$model" --seed "$seed" --epochs 100 --no-progress \
-      --out "$runs/$name" --resume
-    mkdir -p "results/uci_har/$name"
-    cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
-      "results/uci_har/$name/"
+    names+=("$model-seed$seed")
+    train_and_collect "$model" "$seed" &
+    while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do
+      wait -n || true
+    done
   done
 done
-.venv/bin/python -m experiments.results_table --write README.md
+wait
+"${table[@]}" --write README.md
+failed=0
+for name in "${names[@]}"; do
+  [ -e "$runs/$name.failed" ] && failed=$((failed + 1))
+done
+if [ "$failed" -gt 0 ]; then
+  echo "$failed run(s) failed: see their logs in $runs" >&2
+  exit 1
+fi
