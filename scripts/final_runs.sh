@@ -20,6 +20,7 @@ if [ -n "${PYTHON:-}" ]; then
   table=("$PYTHON" -m experiments.results_table)
 else
   bash scripts/setup.sh train,tune
+  export LARNN_SKIP_SETUP=1  # not once per run: parallel runs would install at the same time
   train=(bash scripts/train.sh)
   table=(.venv/bin/python -m experiments.results_table)
 fi

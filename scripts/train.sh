@@ -3,7 +3,8 @@
 # Extra arguments go to `python -m experiments.train`, e.g. `bash scripts/train.sh --epochs 10`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh train,tune
+# LARNN_SKIP_SETUP=1: the environment is set up already (scripts/final_runs.sh does it once).
+[ -n "${LARNN_SKIP_SETUP:-}" ] || bash scripts/setup.sh train,tune
 # tcmalloc reuses freed memory where glibc's malloc has the kernel fault in every page of every
 # step's buffers again: a CPU training step takes 15–30 % less time (BENCHMARKS.md, sections 1
 # and 6). Preloaded when the system has it and LD_PRELOAD is unset (set it, even empty, to
