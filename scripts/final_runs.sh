@@ -10,6 +10,7 @@
 #   PYTHON=python3               an interpreter that has the dependencies already, instead of
 #                                scripts/train.sh's virtual environment (a machine without internet)
 #   EPOCHS=N                     fewer epochs, to check the script (its results are not the table's)
+#   TRAIN_ARGS="--decay-every 20"  more flags for every run (a recipe, applied to all models alike)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs/final}"
@@ -33,16 +34,16 @@ train_and_collect() {  # MODEL SEED; leaves RUNS_DIR/NAME.failed if the run fail
   local name="$1-seed$2"
   rm -f "$runs/$name.failed"
   echo "$name: training (log: $runs/$name.log)"
-  if ! "${train[@]}" --model "$1" --seed "$2" --epochs "${EPOCHS:-100}" --no-progress \
-    --out "$runs/$name" --resume >>"$runs/$name.log" 2>&1; then
+  if "${train[@]}" --model "$1" --seed "$2" --epochs "${EPOCHS:-100}" --no-progress \
+    ${TRAIN_ARGS:-} --out "$runs/$name" --resume >>"$runs/$name.log" 2>&1 &&
+    mkdir -p "results/uci_har/$name" &&
+    cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
+      "results/uci_har/$name/"; then
+    echo "$name: done"
+  else
     touch "$runs/$name.failed"
     echo "$name: FAILED (see $runs/$name.log)" >&2
-    return
   fi
-  mkdir -p "results/uci_har/$name"
-  cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
-    "results/uci_har/$name/"
-  echo "$name: done"
 }
 
 names=()
