@@ -7,9 +7,9 @@
 The configuration (model, data, preprocessing) comes from the checkpoint. Prints the test loss,
 the number of test sequences whose logits diverged (see :func:`experiments.steps.diverged_rows`)
 and the test figures of :func:`experiments.report.classification_figures` (accuracy, weighted and
-macro F1, per-class accuracy, confusion matrix) as JSON, and writes them with a confusion-matrix
-plot to ``evaluation-epoch<N>.json`` and ``evaluation-epoch<N>-confusion_matrix.png`` in the run
-folder (or ``--output``).
+macro F1, per-class accuracy, confusion matrix, per-subject accuracy where the subjects are
+known) as JSON, and writes them with a confusion-matrix plot to ``evaluation-epoch<N>.json`` and
+``evaluation-epoch<N>-confusion_matrix.png`` in the run folder (or ``--output``).
 """
 
 from __future__ import annotations
@@ -193,7 +193,10 @@ def evaluate_checkpoint(
         "test_loss": result.loss,
         "test_diverged": result.diverged,
         "test": report.classification_figures(
-            run.dataset.test.y, result.predictions, run.dataset.class_names
+            run.dataset.test.y,
+            result.predictions,
+            run.dataset.class_names,
+            run.dataset.test.subjects,
         ),
     }
 

@@ -82,23 +82,39 @@ def warn_if_diverged(diverged: int | None, rows: int, epoch: int) -> None:
 
 
 def classification_figures(
-    labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    class_names: Sequence[str],
+    subjects: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, weighted and macro F1, per-class accuracy and the confusion matrix.
+    """Accuracy, weighted and macro F1, per-class accuracy, the confusion matrix and, when the
+    rows' subjects are known, per-subject accuracy.
 
     Args:
         labels: true classes ``(N,)``, in ``0 .. len(class_names) - 1``.
         predictions: predicted classes ``(N,)``.
         class_names: the name of each class, index = class.
+        subjects: the subject id of each row ``(N,)``, or None when unknown.
 
     Returns:
         A JSON-serialisable dict. ``per_class_accuracy[name]`` is the fraction of that class's
         rows predicted correctly (its recall; None when the class has no row);
-        ``confusion_matrix[i][j]`` counts rows of class ``i`` predicted as ``j``.
+        ``confusion_matrix[i][j]`` counts rows of class ``i`` predicted as ``j``;
+        ``per_subject_accuracy[str(id)]`` (only with ``subjects``) the fraction of that
+        subject's rows predicted correctly, in increasing order of id.
     """
     classes = list(range(len(class_names)))
     matrix = confusion_matrix(labels, predictions, labels=classes)
     support = matrix.sum(axis=1)
+    per_subject = {}
+    if subjects is not None:
+        correct = np.asarray(labels) == np.asarray(predictions)
+        per_subject = {
+            "per_subject_accuracy": {
+                str(subject): float(correct[subjects == subject].mean())
+                for subject in np.unique(subjects)
+            }
+        }
     return {
         "examples": len(labels),
         "accuracy": float(accuracy_score(labels, predictions)),
@@ -114,6 +130,7 @@ def classification_figures(
         },
         "class_names": list(class_names),
         "confusion_matrix": matrix.tolist(),
+        **per_subject,
     }
 
 
@@ -183,7 +200,9 @@ def build(
             "val_accuracy": at_selected["val_accuracy"],
             "val_loss": at_selected["val_loss"],
         },
-        "test": classification_figures(dataset.test.y, test_predictions, dataset.class_names),
+        "test": classification_figures(
+            dataset.test.y, test_predictions, dataset.class_names, dataset.test.subjects
+        ),
         "test_diverged": test_diverged,
         "optimistic_protocol_best_test_accuracy": best_test["test_accuracy"],
         "optimistic_protocol_best_test_epoch": best_test["epoch"],

@@ -231,7 +231,11 @@ def test_epoch_selection_and_report_without_validation_split() -> None:
     assert report.select_epoch([line(1, 0.5, 0.9), line(2, 0.7, 0.6), line(3, 0.7, 0.5)]) == 3
     history = [line(1, None, 0.9), line(2, None, 0.5)]
     assert report.select_epoch(history) == 2
-    test = Split(np.zeros((4, 2, 1), np.float32), np.array([0, 1, 1, 0], np.int32), None)
+    test = Split(
+        np.zeros((4, 2, 1), np.float32),
+        np.array([0, 1, 1, 0], np.int32),
+        np.array([7, 3, 3, 7], np.int32),
+    )
     dataset = Dataset(test, None, test, 2, ("a", "b"), "toy", None, None)
     built = report.build(
         run="r",
@@ -253,6 +257,10 @@ def test_epoch_selection_and_report_without_validation_split() -> None:
     )
     assert built["test"]["per_class_accuracy"] == {"a": 1.0, "b": 0.5}
     assert built["test"]["confusion_matrix"] == [[2, 0], [1, 1]]
+    # Subject 3's rows are labelled 1, 1 and predicted 1, 0; subject 7's 0, 0 and 0, 0.
+    assert built["test"]["per_subject_accuracy"] == {"3": 0.5, "7": 1.0}
+    without_subjects = report.classification_figures(test.y, np.array([0, 1, 0, 0]), ("a", "b"))
+    assert "per_subject_accuracy" not in without_subjects
     assert built["optimistic_protocol_best_test_accuracy"] == 0.9
     assert built["test_diverged"] is None  # histories recorded before it was counted
 
