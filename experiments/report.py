@@ -106,16 +106,7 @@ def classification_figures(
     classes = list(range(len(class_names)))
     matrix = confusion_matrix(labels, predictions, labels=classes)
     support = matrix.sum(axis=1)
-    per_subject = {}
-    if subjects is not None:
-        correct = np.asarray(labels) == np.asarray(predictions)
-        per_subject = {
-            "per_subject_accuracy": {
-                str(subject): float(correct[subjects == subject].mean())
-                for subject in np.unique(subjects)
-            }
-        }
-    return {
+    figures = {
         "examples": len(labels),
         "accuracy": float(accuracy_score(labels, predictions)),
         "weighted_f1": float(
@@ -130,8 +121,14 @@ def classification_figures(
         },
         "class_names": list(class_names),
         "confusion_matrix": matrix.tolist(),
-        **per_subject,
     }
+    if subjects is not None:
+        correct = np.asarray(labels) == np.asarray(predictions)
+        figures["per_subject_accuracy"] = {
+            str(subject): float(correct[subjects == subject].mean())
+            for subject in np.unique(subjects)
+        }
+    return figures
 
 
 def machine_info() -> dict[str, Any]:
