@@ -60,6 +60,38 @@ def test_tables_group_seeds_into_variants(results: pathlib.Path) -> None:
     assert len(runs.splitlines()) == 2 + 4
 
 
+def write_evaluation(folder: pathlib.Path, epoch: int, accuracy: float, **per_subject) -> None:
+    """What ``python -m experiments.evaluate`` writes for ``epoch`` (the parts the tables read)."""
+    test = {"accuracy": accuracy, "per_subject_accuracy": per_subject}
+    (folder / f"evaluation-epoch{epoch}.json").write_text(
+        json.dumps({"epoch": epoch, "test": test})
+    )
+
+
+def test_subject_table_from_reports_or_the_selected_epochs_evaluation(
+    results: pathlib.Path,
+) -> None:
+    report_path = results / "larnn-seed1/report.json"
+    report = json.loads(report_path.read_text())
+    report["test"]["per_subject_accuracy"] = {"10": 0.5, "9": 0.75}
+    report_path.write_text(json.dumps(report))
+    write_evaluation(results / "larnn-seed0", 2, 0.90, **{"9": 0.95, "10": 0.6})
+    write_evaluation(results / "larnn-seed0", 1, 0.90, **{"9": 0.0, "10": 0.0})  # not selected
+    write_evaluation(results / "lstm-seed3", 1, 0.85, **{"9": 0.0, "10": 0.0})  # not selected
+    text = results_table.tables(results)
+    assert "Honest test accuracy on each test subject" in text
+    subjects = text.split("mean over the seeds):\n\n")[1].split("\n\n")[0].splitlines()
+    assert subjects == [
+        "| variant | seeds | subject 9 | subject 10 |",
+        "|---|---:|---:|---:|",
+        "| LARNN | 2 | 0.850 | 0.550 |",  # the other variants' runs do not all know theirs
+    ]
+    # An evaluation that disagrees with its run's report is named, not averaged in.
+    write_evaluation(results / "carried-seed0", 2, 0.81, **{"9": 1.0, "10": 1.0})
+    with pytest.raises(SystemExit, match=r"carried-seed0/evaluation-epoch2\.json gives test acc"):
+        results_table.tables(results)
+
+
 def test_write_then_check_round_trips(results: pathlib.Path, tmp_path: pathlib.Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(
