@@ -45,7 +45,7 @@ class Run:
     report: dict[str, Any]
     history: list[dict[str, Any]]
     #: honest test accuracy per test subject (``{"2": 0.93, …}``), where known
-    per_subject: dict[str, float] | None = None
+    per_subject: dict[str, float] | None
 
     @property
     def variant(self) -> str:
@@ -76,16 +76,17 @@ def load_runs(results: pathlib.Path) -> list[Run]:
                 for line in (folder / "metrics.jsonl").read_text().splitlines()
                 if line.strip()
             ]
+            report = json.loads(report_path.read_text())
+            per_subject = per_subject_accuracy(folder, report)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: incomplete run folder {folder}: {err}") from err
-        report = json.loads(report_path.read_text())
         runs.append(
             Run(
                 str(folder.relative_to(results)),
                 with_settings_of_older_runs(config),
                 report,
                 history,
-                per_subject_accuracy(folder, report),
+                per_subject,
             )
         )
     return sorted(runs, key=lambda run: (run.variant, run.config["seed"], run.name))
@@ -136,6 +137,14 @@ def runs_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def _by_variant(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """The runs grouped by :attr:`Run.variant`, in the order of ``runs``."""
+    variants: dict[str, list[Run]] = {}
+    for run in runs:
+        variants.setdefault(run.variant, []).append(run)
+    return variants
+
+
 def summary_table(runs: Sequence[Run]) -> str:
     """One line per variant: mean ± standard deviation over its seeds."""
     lines = [
@@ -143,10 +152,7 @@ def summary_table(runs: Sequence[Run]) -> str:
         "protocol) |",
         "|---|---:|---:|---:|---:|",
     ]
-    variants: dict[str, list[Run]] = {}
-    for run in runs:
-        variants.setdefault(run.variant, []).append(run)
-    for variant, members in variants.items():
+    for variant, members in _by_variant(runs).items():
         lines.append(
             f"| {variant} | {len(members)} "
             f"| **{_mean_std([r.report['test']['accuracy'] for r in members])}** "
@@ -160,12 +166,9 @@ def summary_table(runs: Sequence[Run]) -> str:
 def subject_table(runs: Sequence[Run]) -> str | None:
     """One line per variant whose runs all know their per-subject accuracy: its mean over the
     seeds on each test subject. ``None`` if no variant qualifies."""
-    variants: dict[str, list[Run]] = {}
-    for run in runs:
-        variants.setdefault(run.variant, []).append(run)
     known = {
         variant: members
-        for variant, members in variants.items()
+        for variant, members in _by_variant(runs).items()
         if all(run.per_subject for run in members)
     }
     if not known:
