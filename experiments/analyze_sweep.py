@@ -23,7 +23,6 @@ Tune's own status while unfinished (``pending``, ``running``, ``paused``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -38,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from ray.tune import ExperimentAnalysis
 
+from experiments import cli
 from experiments.report import select_epoch
 from experiments.search_spaces import resolve_point
 
@@ -297,9 +297,7 @@ def analyze(path: str, out: pathlib.Path) -> tuple[pd.DataFrame, dict[str, pathl
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 done, 1 no usable trial, 2 usage)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.analyze_sweep", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.command_parser("experiments.analyze_sweep", __doc__)
     parser.add_argument("experiment", metavar="DIR", help="the sweep's folder (or URI)")
     parser.add_argument("--out", metavar="OUTDIR", help="output folder (default: DIR/analysis)")
     args = parser.parse_args(argv)
@@ -309,12 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table, written = analyze(args.experiment, out)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli.report_error(err, cli.FAILED)
     print(markdown(table[list(SUMMARY_COLUMNS)]))
     for path in written.values():
         print(f"wrote {path}")
-    return 0 if BEST_CONFIG in written else 1
+    return cli.OK if BEST_CONFIG in written else cli.FAILED
 
 
 if __name__ == "__main__":

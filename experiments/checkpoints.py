@@ -27,7 +27,6 @@ see :func:`experiments.report.selection_score`; ties go to the later step).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,9 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from experiments.files import atomic_write, sha256_file
+from larnn_jax.typing import PyTree
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "sha256sums.json"
@@ -48,19 +50,9 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 SCORE_KEY = "selection_score"
 
-PyTree = Any
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder holds no usable checkpoint, or a requested step is unusable."""
-
-
-def _file_digest(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _step_files(step_dir: pathlib.Path) -> Iterator[pathlib.Path]:
@@ -73,21 +65,17 @@ def write_manifest(step_dir: pathlib.Path) -> None:
     """Records size and SHA-256 of every file of a finished step in ``step_dir/sha256sums.json``.
 
     Written to a temporary name, flushed to disk and renamed, so the manifest itself is either
-    complete or absent.
+    complete or absent (:func:`experiments.files.atomic_write`).
     """
     files = {
         path.relative_to(step_dir).as_posix(): {
             "size": path.stat().st_size,
-            "sha256": _file_digest(path),
+            "sha256": sha256_file(path),
         }
         for path in _step_files(step_dir)
     }
-    tmp = step_dir / (MANIFEST_NAME + ".tmp")
-    with tmp.open("w") as f:
-        json.dump({"files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST_NAME)
+    with atomic_write(step_dir / MANIFEST_NAME, durable=True) as file:
+        json.dump({"files": files}, file, indent=1, sort_keys=True)
 
 
 def verify_step(step_dir: pathlib.Path) -> str | None:
@@ -111,7 +99,7 @@ def verify_step(step_dir: pathlib.Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"file {name} has {size} bytes instead of {expected['size']} (truncated?)"
-        if _file_digest(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"file {name} does not match its recorded SHA-256"
     return None
 

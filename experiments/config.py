@@ -24,8 +24,8 @@ from typing import Any
 
 from flax import linen as nn
 
+from experiments.data import Dataset, load_dataset
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
-from larnn_jax.data import Dataset, load_dataset
 from larnn_jax.normalization import NORM_KINDS
 
 #: The recurrent cells a run can train: the LARNN cell, the same cell without attention (the

@@ -10,170 +10,34 @@ and the test figures of :func:`experiments.report.classification_figures` (accur
 macro F1, per-class accuracy, confusion matrix, per-subject accuracy where the subjects are
 known) as JSON, and writes them with a confusion-matrix plot to ``evaluation-epoch<N>.json`` and
 ``evaluation-epoch<N>-confusion_matrix.png`` in the run folder (or ``--output``).
+
+Exit status: 0 success, 2 an unusable run folder or checkpoint, 1 the run's dataset could not be
+loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import logging
 import os
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from experiments import report
-from experiments.checkpoints import CheckpointError, CheckpointStore, discover_checkpoint_dir
-from experiments.config import ConfigError, TrainConfig, load_config_dataset
-from experiments.steps import (
-    build_model,
-    init_state,
-    make_evaluator,
-    make_optimizer,
-    model_variables,
-)
-from experiments.train import configure_logging
-from larnn_jax.data import DataError, Dataset
-from larnn_jax.models import SequenceClassifier
-
-log = logging.getLogger("experiments.evaluate")  # not __name__: "__main__" under -m
-
-
-@dataclasses.dataclass(frozen=True)
-class RestoredRun:
-    """A model restored from a checkpoint, with what is needed to use it.
-
-    Attributes:
-        config: the run's configuration (``data_dir`` possibly overridden).
-        dataset: the run's dataset, loaded and preprocessed as in training.
-        model: the classifier.
-        state: the training state (``params``, ``batch_stats``, ``opt_state``, ``rng``).
-        epoch: the epoch the checkpoint was saved after.
-        checkpoint_dir: the checkpoint's step folder.
-    """
-
-    config: TrainConfig
-    dataset: Dataset
-    model: SequenceClassifier
-    state: dict[str, Any]
-    epoch: int
-    checkpoint_dir: pathlib.Path
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenCheckpoint:
-    """The checkpoint of a run that a model is restored from, its store open for reading.
-
-    Attributes:
-        store: the run's checkpoint store (read-only).
-        step: the epoch whose checkpoint is used.
-        config: the run's configuration (``data_dir`` possibly overridden).
-    """
-
-    store: CheckpointStore
-    step: int
-    config: TrainConfig
-
-    @property
-    def run_dir(self) -> pathlib.Path:
-        """The run folder ``OUT``."""
-        return self.store.directory.parent
-
-    @property
-    def step_dir(self) -> pathlib.Path:
-        """The checkpoint's step folder."""
-        return self.store.step_dir(self.step)
-
-    def restore_model(
-        self, num_classes: int, sample: np.ndarray
-    ) -> tuple[SequenceClassifier, dict[str, Any]]:
-        """The run's classifier and its training state from this checkpoint.
-
-        Args:
-            num_classes: the number of classes of the run's dataset.
-            sample: an input batch ``(B, T, C)`` of the run's data (only its shape and dtype
-                matter).
-
-        Raises:
-            CheckpointError: the checkpoint does not fit the model.
-        """
-        model = build_model(self.config, num_classes)
-        # Only the structure of the optimiser state matters here, not its schedule.
-        tx = make_optimizer(self.config, steps_per_epoch=1)
-        target = jax.eval_shape(
-            lambda x: init_state(model, tx, x, self.config.seed), jnp.asarray(sample)
-        )
-        state, _ = self.store.restore(self.step, target)
-        return model, state
-
-
-@contextlib.contextmanager
-def open_checkpoint(
-    checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
-) -> Iterator[OpenCheckpoint]:
-    """Finds the checkpoint to restore and reads the run's configuration from it; a context
-    manager that keeps the store open.
-
-    Args:
-        checkpoint: a run folder, its ``checkpoints`` folder, or one step folder in it.
-        step: the epoch whose checkpoint to use; default: the step folder given, else the run's
-            selected epoch (:func:`experiments.report.select_epoch`), else the latest good one.
-        data_dir: where the dataset lives, if not where the run found it.
-
-    Raises:
-        CheckpointError: no usable checkpoint, or the requested step is absent or bad.
-    """
-    directory, step_in_path = discover_checkpoint_dir(checkpoint)
-    with CheckpointStore(directory, read_only=True) as store:
-        latest = store.latest_step()
-        if latest is None:
-            raise CheckpointError(f"no usable checkpoint in {directory}")
-        _, meta = store.restore(latest)
-        step = step if step is not None else step_in_path
-        if step is None:
-            step = report.select_epoch(meta["history"])
-            if step not in store.steps():
-                log.warning(
-                    "the selected epoch %d has no usable checkpoint; using the latest, %d",
-                    step,
-                    latest,
-                )
-                step = latest
-        store.restore(step)  # CheckpointError now if that step is absent or bad
-        config = TrainConfig.from_saved(meta["config"])
-        if data_dir is not None:
-            config = dataclasses.replace(config, data_dir=data_dir)
-        yield OpenCheckpoint(store, step, config)
-
-
-def restore_run(
-    checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
-) -> RestoredRun:
-    """Restores a model, its configuration and its data from a checkpoint.
-
-    Args:
-        checkpoint, step, data_dir: as for :func:`open_checkpoint`.
-
-    Raises:
-        CheckpointError: no usable checkpoint, or the requested step is absent or bad.
-    """
-    with open_checkpoint(checkpoint, step=step, data_dir=data_dir) as opened:
-        dataset = load_config_dataset(opened.config)
-        model, state = opened.restore_model(dataset.num_classes, dataset.test.x[:1])
-        return RestoredRun(opened.config, dataset, model, state, opened.step, opened.step_dir)
+from experiments import cli, report
+from experiments.checkpoints import CheckpointError
+from experiments.config import ConfigError
+from experiments.data import DataError
+from experiments.files import write_text_atomically
+from experiments.restore import add_checkpoint_arguments, restore_run
+from experiments.steps import make_evaluator, model_variables
 
 
 def evaluate_checkpoint(
     checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
 ) -> dict[str, Any]:
-    """Restores a model from a checkpoint (see :func:`restore_run`) and evaluates it once on
+    """Restores a model from a checkpoint (see :func:`experiments.restore.restore_run`) and evaluates it once on
     the test set.
 
     Returns:
@@ -201,34 +65,9 @@ def evaluate_checkpoint(
     }
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """The arguments of :func:`open_checkpoint`: ``--checkpoint``, ``--step`` and ``--data-dir``
-    (``verb``: what the command does with the checkpoint)."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR",
-        help="a run folder (OUT), its checkpoints folder, or one step folder OUT/checkpoints/N",
-    )
-    parser.add_argument(
-        "--step",
-        type=int,
-        metavar="N",
-        help=f"{verb} the checkpoint of epoch N (default: the run's epoch selected by "
-        "validation accuracy)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder that holds 'UCI HAR Dataset/' (default: the run's, else $LARNN_DATA_DIR)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.command_parser("experiments.evaluate", __doc__)
     add_checkpoint_arguments(parser, "evaluate")
     parser.add_argument(
         "--output",
@@ -240,25 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    configure_logging()
+    """Command-line entry point; returns the exit status (see the module's doc)."""
+    cli.configure_logging()
     args = build_parser().parse_args(argv)
     try:
         evaluation = evaluate_checkpoint(args.checkpoint, step=args.step, data_dir=args.data_dir)
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (CheckpointError, ConfigError) as err:
+        return cli.report_error(err, cli.USAGE)
+    except DataError as err:
+        return cli.report_error(err, cli.FAILED)
     output = pathlib.Path(args.output or pathlib.Path(evaluation["checkpoint"]).parent.parent)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"evaluation-epoch{evaluation['epoch']}"
-    (output / f"{stem}.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    write_text_atomically(output / f"{stem}.json", json.dumps(evaluation, indent=2) + "\n")
     report.plot_confusion_matrix(
         evaluation["test"],
         output / f"{stem}-confusion_matrix.png",
         title=f"{evaluation['dataset']} test set, epoch {evaluation['epoch']}",
     )
     print(json.dumps(evaluation, indent=2))
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What a trained model expects of its inputs, saved in the run folder: ``preprocessing.json``.
 
 The training standardises every channel with the mean and standard deviation of its training
-rows (:func:`larnn_jax.data.load_dataset`); a model must see new data through the same
+rows (:func:`experiments.data.load_dataset`); a model must see new data through the same
 transformation. :func:`experiments.train.train` writes, next to ``config.json``::
 
     {
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from larnn_jax.data import Dataset
+from experiments.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def load_preprocessing(run: pathlib.Path, recompute: Callable[[], Dataset]) -> P
 
     Raises:
         PreprocessingError: the file exists but cannot be read.
-        larnn_jax.data.DataError: there is no file and the dataset cannot be loaded.
+        experiments.data.DataError: there is no file and the dataset cannot be loaded.
     """
     path = run / PREPROCESSING_FILE
     if path.is_file():

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from larnn_jax.data import Dataset
+from experiments.data import Dataset
 
 log = logging.getLogger(__name__)
 

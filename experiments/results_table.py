@@ -18,7 +18,6 @@ README the tables sit between the markers ``<!-- results:start -->`` and ``<!-- 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -27,7 +26,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from experiments import cli
 from experiments.config import RUN_FIELDS, TrainConfig, with_settings_of_older_runs
+from experiments.files import write_text_atomically
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
@@ -218,9 +219,7 @@ def replace_between_markers(text: str, content: str, where: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.results_table", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.command_parser("experiments.results_table", __doc__)
     parser.add_argument(
         "--results", default="results/uci_har", help="folder of run folders (default: %(default)s)"
     )
@@ -235,16 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         updated = replace_between_markers(text, content, str(path))
         if args.check:
             if updated != text:
-                print(
-                    f"{path}: the results tables differ from {args.results}; regenerate them with --write",
-                    file=sys.stderr,
+                return cli.report_error(
+                    f"{path}: the results tables differ from {args.results}; regenerate them with "
+                    "--write",
+                    cli.FAILED,
                 )
-                return 1
-            return 0
-        path.write_text(updated)
-        return 0
+            return cli.OK
+        write_text_atomically(path, updated)
+        return cli.OK
     print(content)
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

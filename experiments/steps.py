@@ -6,7 +6,7 @@
   (forward, backward, update), which donates the state it is given;
 * :func:`make_evaluator`: evaluation of a whole split, counting the rows whose logits diverged.
 
-The benchmarks (``benchmarks/common.py``) time these same functions.
+The benchmarks (``benchmarks/harness/workloads.py``) time these same functions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,9 @@ import numpy as np
 import optax
 
 from experiments.config import TrainConfig
-from larnn_jax.data import Split
+from experiments.data import Split
 from larnn_jax.models import SequenceClassifier
-
-PyTree = Any
+from larnn_jax.typing import PyTree
 
 
 def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:

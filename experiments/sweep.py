@@ -46,7 +46,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from experiments import analyze_sweep
+from experiments import analyze_sweep, cli
 from experiments.config import (
     ConfigError,
     TrainConfig,
@@ -55,9 +55,9 @@ from experiments.config import (
     check_remat_chunk_length,
     load_config_dataset,
 )
+from experiments.data import DataError
 from experiments.search_spaces import SearchSpace, get_space, resolve_point
 from experiments.train import train
-from larnn_jax.data import DataError
 
 #: What the sweep maximises: the validation accuracy of each epoch.
 METRIC, MODE = "val_accuracy", "max"
@@ -290,14 +290,14 @@ def summarize(experiment: str, resume: str) -> int:
         print(f"unfinished trials: resume with {resume}")
     print(f"results: {experiment}")
     print(f"analyse: python -m experiments.analyze_sweep {experiment}")
-    return 0 if table["status"].isin(analyze_sweep.SUCCEEDED).any() else 1
+    return cli.OK if table["status"].isin(analyze_sweep.SUCCEEDED).any() else cli.FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
-        description=__doc__.split("\n\n")[0],
+    parser = cli.command_parser(
+        "experiments.sweep",
+        __doc__,
         epilog="Exit status: 0 when at least one trial finished, 1 when all failed, 2 for "
         "invalid arguments. Failed trials are listed with their error; the sweep goes on.",
     )
@@ -430,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
             )
     except (ConfigError, DataError, SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report_error(err, cli.USAGE)
     resume = (
         f"python -m experiments.sweep --storage {storage_uri(args.storage)} --name {name} --resume"
         " (with the same --address, --cpus-per-trial and --gpus-per-trial)"
@@ -443,8 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Tune's driver itself failed (e.g. Ray's out-of-memory monitor killed a trial while
             # it started); the experiment saved so far can be resumed.
             traceback.print_exc()
-            print(f"error: the sweep stopped; resume it with: {resume}", file=sys.stderr)
-            return 1
+            return cli.report_error(f"the sweep stopped; resume it with: {resume}", cli.FAILED)
     return summarize(experiment_path(args.storage, name), resume)
 
 

@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import math
-import os
 import pathlib
 import sys
 import time
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import report
+from experiments import cli, report
 from experiments.checkpoints import CheckpointStore
 from experiments.config import (
     ConfigError,
@@ -52,9 +51,10 @@ from experiments.config import (
     load_config_dataset,
     load_config_file,
 )
+from experiments.data import DataError, Dataset
+from experiments.files import atomic_write, write_text_atomically
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 from experiments.steps import (
-    PyTree,
     SplitResult,
     build_model,
     init_state,
@@ -64,7 +64,7 @@ from experiments.steps import (
     make_train_step,
     model_variables,
 )
-from larnn_jax.data import DataError, Dataset
+from larnn_jax.typing import PyTree
 
 log = logging.getLogger("experiments.train")  # not __name__: that is "__main__" under -m
 
@@ -103,17 +103,15 @@ def _default_out(config: TrainConfig) -> pathlib.Path:
     return pathlib.Path("runs") / f"{stamp}-{config.model}"
 
 
-def _write_json_atomically(path: pathlib.Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+    """Writes ``payload`` as indented JSON, whole or not at all."""
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _write_metrics_file(path: pathlib.Path, history: Sequence[dict[str, Any]]) -> None:
     """Rewrites ``metrics.jsonl`` with exactly ``history`` (e.g. the epochs a checkpoint holds)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
-    os.replace(tmp, path)
+    with atomic_write(path) as file:
+        file.writelines(json.dumps(line) + "\n" for line in history)
 
 
 def _check_training_loss(loss: float, *, epoch: int, step: int) -> None:
@@ -161,7 +159,7 @@ def train(
             resume whose configuration differs.
         NonFiniteLossError: the training loss became NaN or infinite (the last good checkpoint
             is kept).
-        larnn_jax.data.DataError: unusable data.
+        experiments.data.DataError: unusable data.
     """
     started = time.perf_counter()
     if resume and config.out is None:
@@ -317,8 +315,8 @@ def _train_in(
     tx = make_optimizer(config, steps_per_epoch)
     state = init_state(model, tx, jnp.asarray(dataset.train.x[:1]), config.seed)
     state, progress = _restore_progress(out, config, store, state)
-    _write_json_atomically(out / "config.json", config.to_dict())
-    _write_json_atomically(out / PREPROCESSING_FILE, Preprocessing.from_dataset(dataset).to_dict())
+    _write_json(out / "config.json", config.to_dict())
+    _write_json(out / PREPROCESSING_FILE, Preprocessing.from_dataset(dataset).to_dict())
     metrics_path = out / "metrics.jsonl"
     _write_metrics_file(metrics_path, progress.history)
 
@@ -366,9 +364,9 @@ def _train_in(
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: one flag per TrainConfig field
     (:func:`~experiments.config.add_field_arguments`), plus --config and --resume."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train",
-        description=__doc__.split("\n\n")[0],
+    parser = cli.command_parser(
+        "experiments.train",
+        __doc__,
         epilog=(
             "Precedence: command-line flags > --config file > defaults (the paper's best UCI HAR "
             "configuration). Per-epoch metrics go to stdout and OUT/metrics.jsonl."
@@ -402,29 +400,18 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bo
     return TrainConfig.from_dict({**values, **args}), resume
 
 
-def configure_logging() -> None:
-    """Command-line logging: warnings from everything, progress notes from ``experiments``."""
-    # force: importing Orbax already attached a bare handler to the root logger.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("experiments").setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 success, 1 failed run, 2 usage)."""
-    configure_logging()
+    cli.configure_logging()
     try:
         config, resume = config_from_args(argv)
         result = train(config, resume=resume)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.report_error(err, cli.USAGE)
     except (NonFiniteLossError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli.report_error(err, cli.FAILED)
     print(json.dumps({"report": str(pathlib.Path(result["run"]) / "report.json")}))
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

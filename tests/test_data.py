@@ -1,4 +1,4 @@
-"""Tests of larnn_jax.data on tiny synthetic datasets (official UCI HAR layout and .npz) and, when
+"""Tests of experiments.data on tiny synthetic datasets (official UCI HAR layout and .npz) and, when
 present, on the real UCI HAR copy."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import requests
 import tqdm
 from archive_server import ArchiveServer, Reply, cut_short, serve
 
-from larnn_jax import data
-from larnn_jax.data import DataError, Split
+from experiments import data
+from experiments.data import DataError, Split, download, uci_har
+from experiments.data import __main__ as data_cli
 
 CLASS_NAMES = (
     "WALKING",
@@ -103,9 +104,9 @@ def register_hashes(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     folder = root / data.UCI_HAR_FOLDER
     table = {
         name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        for name in data.UCI_HAR_SHA256
+        for name in download.UCI_HAR_SHA256
     }
-    monkeypatch.setattr(data, "UCI_HAR_SHA256", table)
+    monkeypatch.setattr(download, "UCI_HAR_SHA256", table)
 
 
 @pytest.fixture
@@ -175,9 +176,9 @@ def test_matlab_format_matches_the_official_files() -> None:
 
 
 def test_hash_table_covers_every_file_read() -> None:
-    assert len(data.UCI_HAR_SHA256) == 23
-    assert set(data.UCI_HAR_SHA256) == set(data._UCI_HAR_FILES)
-    assert all(re.fullmatch("[0-9a-f]{64}", h) for h in data.UCI_HAR_SHA256.values())
+    assert len(download.UCI_HAR_SHA256) == 23
+    assert set(download.UCI_HAR_SHA256) == set(download.UCI_HAR_FILES)
+    assert all(re.fullmatch("[0-9a-f]{64}", h) for h in download.UCI_HAR_SHA256.values())
 
 
 def test_load_uci_har_shapes_labels_and_channel_order(uci) -> None:
@@ -193,7 +194,7 @@ def test_load_uci_har_shapes_labels_and_channel_order(uci) -> None:
     channel_means = train.x.mean(axis=(0, 1)) - 0.5 * np.mean(TRAIN_SUBJECTS)
     np.testing.assert_allclose(channel_means, 10.0 * np.arange(9), atol=0.5)
     first_gyro_y = (
-        root / data.UCI_HAR_FOLDER / data._signal_file("body_gyro_y", "train")
+        root / data.UCI_HAR_FOLDER / download.signal_file("body_gyro_y", "train")
     ).read_text()
     assert train.x[0, 0, 4] == np.float32(first_gyro_y.split()[0])
 
@@ -213,13 +214,13 @@ def test_absent_data_without_download(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"looked in {root / 'UCI HAR Dataset'}" in message
     assert "lacks 23 of the 23 files needed (first: activity_labels.txt)" in message
-    assert "download=True" in message and data.UCI_HAR_URL in message
+    assert "download=True" in message and download.UCI_HAR_URL in message
 
 
 def test_hash_mismatch_names_file_and_both_hashes(uci) -> None:
     root, _ = uci
-    path = root / data.UCI_HAR_FOLDER / data._signal_file("body_acc_x", "train")
-    expected_hash = data.UCI_HAR_SHA256[data._signal_file("body_acc_x", "train")]
+    path = root / data.UCI_HAR_FOLDER / download.signal_file("body_acc_x", "train")
+    expected_hash = download.UCI_HAR_SHA256[download.signal_file("body_acc_x", "train")]
     rewrite(path, set_value(2, 3, matlab_format(0.25)))
     actual_hash = hashlib.sha256(path.read_bytes()).hexdigest()
     pattern = (
@@ -362,7 +363,7 @@ def forbid_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(folder: Path) -> None:
         raise AssertionError("parsed the text files again")
 
-    monkeypatch.setattr(data, "_parse_uci_har", fail)
+    monkeypatch.setattr(uci_har, "parse_uci_har", fail)
 
 
 def test_second_load_uses_the_cache(uci, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,7 +432,7 @@ def test_cache_goes_to_user_cache_when_data_dir_is_read_only(
 # --------------------------------------------------------------------------------------------
 # Download, over real HTTP from a server on 127.0.0.1 (archive_server.py)
 
-ARCHIVE_PATH = "/" + data.UCI_HAR_URL.rsplit("/", 1)[1]
+ARCHIVE_PATH = "/" + download.UCI_HAR_URL.rsplit("/", 1)[1]
 
 
 def zip_official_archive(source: Path, tmp_path: Path) -> bytes:
@@ -462,7 +463,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ArchiveServer]:
     """An HTTP server on 127.0.0.1 where the loader's URL now points; it answers 404 until the
     test gives it replies."""
     with serve() as running:
-        monkeypatch.setattr(data, "UCI_HAR_URL", running.url(ARCHIVE_PATH))
+        monkeypatch.setattr(download, "UCI_HAR_URL", running.url(ARCHIVE_PATH))
         yield running
 
 
@@ -522,8 +523,8 @@ def test_download_that_keeps_failing_is_reported(
     with pytest.raises(DataError) as info:
         data.load_uci_har(root)
     assert str(info.value) == (
-        f"could not download and unpack {data.UCI_HAR_URL} into {root}: 503 Server Error: "
-        f"Service Unavailable for url: {data.UCI_HAR_URL}. Download it by hand and unzip it, "
+        f"could not download and unpack {download.UCI_HAR_URL} into {root}: 503 Server Error: "
+        f"Service Unavailable for url: {download.UCI_HAR_URL}. Download it by hand and unzip it, "
         f"then 'UCI HAR Dataset.zip' inside it, into {root}"
     )
     assert server.requests == [ARCHIVE_PATH] * 4  # 3 retries
@@ -542,7 +543,7 @@ def test_truncated_archive_is_reported_and_downloaded_again(
     with pytest.raises(DataError) as info:
         data.load_uci_har(root, progress=False)
     assert str(info.value) == (
-        f"could not download and unpack {data.UCI_HAR_URL} into {root}: File is not a zip file. "
+        f"could not download and unpack {download.UCI_HAR_URL} into {root}: File is not a zip file. "
         f"Download it by hand and unzip it, then 'UCI HAR Dataset.zip' inside it, into {root}"
     )
     assert list(root.iterdir()) == []
@@ -562,7 +563,7 @@ def test_archive_with_a_changed_file_is_refused(
     path = root / data.UCI_HAR_FOLDER / "train/y_train.txt"
     with pytest.raises(DataError) as info:
         data.load_uci_har(root, progress=False)
-    expected_hash = data.UCI_HAR_SHA256["train/y_train.txt"]
+    expected_hash = download.UCI_HAR_SHA256["train/y_train.txt"]
     actual_hash = hashlib.sha256(path.read_bytes()).hexdigest()
     assert str(info.value) == (
         f"{path}: SHA-256 mismatch: expected {expected_hash}, got {actual_hash}. The file differs "
@@ -778,14 +779,14 @@ def test_npz_file_problems_and_unknown_spec(tmp_path: Path) -> None:
 
 def test_command_line_summary(uci, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     root, _ = uci
-    assert data.main(["--data-dir", str(root), "--validation-subjects", "1"]) == 0
+    assert data_cli.main(["--data-dir", str(root), "--validation-subjects", "1"]) == 0
     out = capsys.readouterr().out
     assert f"data dir: {root}" in out
     assert "dataset uci_har: 6 classes, 8 steps x 9 channels" in out
     assert "train: x (15, 8, 9), y (15,)" in out and " test: x (6, 8, 9), y (6,)" in out
     assert "classes: WALKING 1, WALKING_UPSTAIRS 1, WALKING_DOWNSTAIRS 1" in out
     assert "2 subjects: 2 4" in out
-    assert data.main(["--spec", f"npz:{tmp_path / 'absent.npz'}"]) == 1
+    assert data_cli.main(["--spec", f"npz:{tmp_path / 'absent.npz'}"]) == 1
     assert "no such file" in capsys.readouterr().err
 
 
@@ -809,7 +810,7 @@ def test_real_uci_har_matches_its_documented_facts(
 ) -> None:
     # The parsed arrays are cached in a folder of the test's own, whether or not the copy is
     # writable (a writable one would otherwise get the cache file beside its data).
-    monkeypatch.setattr(data, "_cache_dirs", lambda root: [tmp_path / "cache"])
+    monkeypatch.setattr(uci_har, "_cache_dirs", lambda root: [tmp_path / "cache"])
     before = sorted(REAL_DATA.rglob("*"))
     train, test, class_names = data.load_uci_har(REAL_DATA, download=False)
     assert class_names == CLASS_NAMES

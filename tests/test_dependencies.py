@@ -2,7 +2,8 @@
 
 A fresh interpreter in which those packages cannot be imported imports ``larnn_jax``, builds and
 applies a LARNN cell, layer and classifier, and loads a ``.npz`` dataset with
-``larnn_jax.data`` (only downloading UCI HAR needs pooch).
+``experiments.data``, the pipeline's dataset code, which needs only NumPy (downloading UCI HAR
+needs pooch).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 
 import larnn_jax
 from larnn_jax import LARNNCell, LARNNLayer
-from larnn_jax.data import load_dataset
+from experiments.data import load_dataset
 from larnn_jax.models import SequenceClassifier
 
 x = jnp.ones((2, 5, 3))

@@ -23,7 +23,7 @@ from test_train import (
 )
 from training_process import run_training
 
-from experiments import evaluate
+from experiments import restore
 from experiments.checkpoints import MANIFEST_NAME, QUARANTINE_DIR, CheckpointStore
 
 TRAIN_ROWS = 96
@@ -52,7 +52,7 @@ def assert_same_run(run: pathlib.Path, reference: pathlib.Path) -> None:
         read_lines(reference / "metrics.jsonl")
     )
     assert_states_equal(
-        evaluate.restore_run(run, step=4).state, evaluate.restore_run(reference, step=4).state
+        restore.restore_run(run, step=4).state, restore.restore_run(reference, step=4).state
     )
 
 

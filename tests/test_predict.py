@@ -18,7 +18,7 @@ from experiments import predict
 from experiments import train as train_module
 from experiments.checkpoints import CheckpointStore
 from experiments.config import TrainConfig, load_config_dataset
-from experiments.predict import Predictor, sliding_windows
+from experiments.prediction import Predictor, read_input, sliding_windows
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 
 T, C = 10, 3  # the tiny dataset's sequence length and channels
@@ -199,7 +199,7 @@ def test_npz_sequences_with_lengths(predictor: Predictor, data: pathlib.Path, tm
     lengths = np.array([T, 3, 7, 1])
     path = tmp_path / "padded.npz"
     np.savez(path, X=x, lengths=lengths)
-    sequences = predict.read_input(path, predictor.preprocessing, stride=T)
+    sequences = read_input(path, predictor.preprocessing, stride=T)
     np.testing.assert_array_equal(sequences.lengths, lengths)
     probabilities = predictor.predict(sequences.x, sequences.lengths)
     alone = predictor.predict(x[2:3, :7])  # the third sequence without its padding

@@ -20,10 +20,10 @@ from experiments import evaluate, report, steps
 from experiments import train as train_module
 from experiments.checkpoints import CheckpointStore, verify_step
 from experiments.config import ConfigError, TrainConfig
+from experiments.data import Dataset, Split
 from experiments.train import NonFiniteLossError
 from larnn_jax import BNLSTMCell, LARNNCell
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES
-from larnn_jax.data import Dataset, Split
 from larnn_jax.normalization import NORM_KINDS
 
 CLASSES = 3
