@@ -1,7 +1,7 @@
 """Peak memory of one training step on long sequences (default T = 4096, batch 32, paper widths).
 
 For each model, the classifier of docs/model.md §3 (3 layers, residual stacking) and the training's own
-step (forward, backward, optimiser update; :class:`benchmarks.common.TrainingBench`):
+step (forward, backward, optimiser update; :class:`benchmarks.harness.workloads.TrainingBench`):
 
 * XLA's compiled memory analysis: arguments + outputs + temporaries (deterministic; no memory is
   allocated to get it);
@@ -31,22 +31,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import (
-    BLOCKS,
-    Column,
-    TrainingBench,
-    Workload,
+from benchmarks.harness.arguments import (
     add_subset_argument,
     add_workload_arguments,
-    default_out,
-    describe_machine,
-    format_table,
-    machine_info,
-    memory_budget_bytes,
-    run_in_subprocess,
     workload_from_args,
-    write_json,
 )
+from benchmarks.harness.isolated import run_in_subprocess
+from benchmarks.harness.machine import describe_machine, machine_info
+from benchmarks.harness.memory_use import memory_budget_bytes
+from benchmarks.harness.output import Column, default_out, format_table, write_json
+from benchmarks.harness.workloads import BLOCKS, TrainingBench, Workload
 
 GB = 1e9
 TARGET_GB = 4.0

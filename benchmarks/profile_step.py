@@ -1,6 +1,6 @@
 """Where a training step's time goes: XLA's own per-operation trace, grouped by kind.
 
-Runs the training's step (:class:`benchmarks.common.TrainingBench`) of each chosen model under
+Runs the training's step (:class:`benchmarks.harness.workloads.TrainingBench`) of each chosen model under
 ``jax.profiler`` with XLA:CPU's per-operation trace events on
 (``--xla_cpu_enable_xprof_traceme``, which this script sets before JAX starts), then adds up the
 events of XLA's worker threads by operation kind: the fusion or operation name without its
@@ -32,16 +32,14 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import (
-    BLOCKS,
-    Column,
-    TrainingBench,
+from benchmarks.harness.arguments import (
     add_run_arguments,
     add_subset_argument,
     add_workload_arguments,
-    print_and_write,
     workload_from_args,
 )
+from benchmarks.harness.output import Column, print_and_write
+from benchmarks.harness.workloads import BLOCKS, TrainingBench
 
 #: Trace events that are XLA's bookkeeping around the operations, not operations.
 _BOOKKEEPING = re.compile(r"^(ThunkExecutor|SlinkyThreadPool)")

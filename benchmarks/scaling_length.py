@@ -2,7 +2,7 @@
 
 Both models are ``elu(Dense_H(x))`` → the sequence block → mean over time → ``Dense_C``, trained
 with the same step, the training's own (forward, backward, optimiser update; see
-:class:`benchmarks.common.TrainingBench`). The mean over time
+:class:`benchmarks.harness.workloads.TrainingBench`). The mean over time
 makes the loss depend on every step's output (with only the last step, XLA could skip all but
 the last query of the attention). Blocks:
 
@@ -37,26 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (
-    GIB,
-    PAPER,
+from benchmarks.harness.arguments import add_run_arguments, add_subset_argument, doubling, int_list
+from benchmarks.harness.machine import describe_machine, machine_info
+from benchmarks.harness.memory_use import GIB, memory_budget_bytes
+from benchmarks.harness.output import (
     Column,
-    TrainingBench,
-    add_run_arguments,
-    add_subset_argument,
-    default_remat_chunk_length,
-    describe_machine,
-    doubling,
     format_table,
-    int_list,
-    machine_info,
-    measure_series,
-    memory_budget_bytes,
     pyplot,
     save_figure,
     write_json,
     write_partial_json,
 )
+from benchmarks.harness.series import measure_series
+from benchmarks.harness.workloads import PAPER, TrainingBench, default_remat_chunk_length
 from larnn_jax import LARNN, LARNNCell
 
 MODELS = ("larnn", "larnn_remat", "attention")

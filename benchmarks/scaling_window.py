@@ -17,26 +17,26 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import (
-    GIB,
-    Column,
-    TrainingBench,
+from benchmarks.harness.arguments import (
     add_run_arguments,
     add_subset_argument,
     add_workload_arguments,
-    describe_machine,
     doubling,
-    format_table,
     int_list,
-    machine_info,
-    measure_series,
-    memory_budget_bytes,
+    workload_from_args,
+)
+from benchmarks.harness.machine import describe_machine, machine_info
+from benchmarks.harness.memory_use import GIB, memory_budget_bytes
+from benchmarks.harness.output import (
+    Column,
+    format_table,
     pyplot,
     save_figure,
-    workload_from_args,
     write_json,
     write_partial_json,
 )
+from benchmarks.harness.series import measure_series
+from benchmarks.harness.workloads import TrainingBench
 
 MODELS = ("larnn", "larnn_naive")
 

@@ -1,6 +1,6 @@
 """Latency per sample of a classifier on a live stream: ``experiments.predict --stream``.
 
-A :class:`experiments.predict.StreamPredictor` over the whole classifier (input projection,
+A :class:`experiments.prediction.StreamPredictor` over the whole classifier (input projection,
 stacked layers, classifier head; evaluation mode) as the training builds it, at the paper's
 configuration unless sizes are given: each sample advances ``ceil(T / stride)`` carries, one per
 window in progress, by one jitted call, and every ``stride`` samples one of them completes its
@@ -11,7 +11,7 @@ the median of this process's CPU time per push (all threads: what the push compu
 other processes on the machine disturb much less than its wall-clock time).
 
 For comparison, ``recompute`` classifies one whole window ``(1, T, C)`` with the batch path
-(:meth:`experiments.predict.Predictor.predict`, the layers' default scan): what a stream that
+(:meth:`experiments.prediction.Predictor.predict`, the layers' default scan): what a stream that
 recomputed each window from scratch would pay per prediction, and per sample at that stride.
 
 The parameters are a fresh initialisation (the latency does not depend on their values).
@@ -33,17 +33,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.common import (
-    PAPER,
-    Column,
-    Workload,
-    add_run_arguments,
-    add_subset_argument,
-    interleaved_timings,
-    print_and_write,
-    summarize,
-)
-from experiments.predict import Predictor
+from benchmarks.harness.arguments import add_run_arguments, add_subset_argument
+from benchmarks.harness.output import Column, print_and_write
+from benchmarks.harness.timing import interleaved_timings, summarize
+from benchmarks.harness.workloads import PAPER, Workload
+from experiments.prediction import Predictor
 from experiments.preprocessing import Preprocessing
 
 MODELS = ("larnn", "bnlstm", "lstm")

@@ -30,15 +30,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from benchmarks.common import (
-    PAPER,
-    Column,
-    add_run_arguments,
-    add_subset_argument,
-    interleaved_timings,
-    print_and_write,
-    summarize,
-)
+from benchmarks.harness.arguments import add_run_arguments, add_subset_argument
+from benchmarks.harness.output import Column, print_and_write
+from benchmarks.harness.timing import interleaved_timings, summarize
+from benchmarks.harness.workloads import PAPER
 from benchmarks.naive_cell import SCAN as NAIVE_SCAN
 from benchmarks.naive_cell import NaiveLARNNCell, naive_twin
 from experiments.config import TrainConfig

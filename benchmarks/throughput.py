@@ -1,8 +1,8 @@
 """Training and inference throughput at the paper's configuration, against Flax's LSTM.
 
 One training step is the training's own jitted step (forward, backward, optimiser update of
-the whole classifier, docs/model.md §3; see :class:`benchmarks.common.TrainingBench`); inference is the
-evaluation-mode forward pass. Models (:data:`benchmarks.common.BLOCKS`): LARNN (the library's
+the whole classifier, docs/model.md §3; see :class:`benchmarks.harness.workloads.TrainingBench`); inference is the
+evaluation-mode forward pass. Models (:data:`benchmarks.harness.workloads.BLOCKS`): LARNN (the library's
 default fused scan), LARNN with rematerialised training scans (``larnn_remat``:
 ``scan='remat'``, chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest ``sqrt(T)`` unless
 ``--remat-chunk-length``), LARNN with the plain scan (``larnn_plain``: ``nn.RNN`` over the cell,
@@ -11,7 +11,7 @@ the implementation before the fused scan), LARNN with the naive cell
 and, when ``torch`` is importable, PyTorch's ``nn.LSTM`` (``torch_lstm``: input projection, a
 ``num_layers``-layer ``nn.LSTM`` without residual sums, classifier on the last step; eager).
 
-All models are timed in turns (see :func:`benchmarks.common.interleaved_timings`); every figure
+All models are timed in turns (see :func:`benchmarks.harness.timing.interleaved_timings`); every figure
 is a median, reported with its ratio to Flax's LSTM from the same run, and the fused scan's
 speed-up over the plain one (``larnn_plain`` time / ``larnn`` time).
 
@@ -27,25 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    BLOCKS,
-    GIB,
-    Column,
-    InferenceBench,
-    TrainingBench,
-    Workload,
+from benchmarks.harness.arguments import (
     add_run_arguments,
     add_subset_argument,
     add_workload_arguments,
-    describe_machine,
-    format_table,
-    interleaved_timings,
-    machine_info,
-    memory_budget_bytes,
-    summarize,
     workload_from_args,
-    write_json,
 )
+from benchmarks.harness.machine import describe_machine, machine_info
+from benchmarks.harness.memory_use import GIB, memory_budget_bytes
+from benchmarks.harness.output import Column, format_table, write_json
+from benchmarks.harness.timing import interleaved_timings, summarize
+from benchmarks.harness.workloads import BLOCKS, InferenceBench, TrainingBench, Workload
 
 MODELS = (*BLOCKS, "torch_lstm")
 BASELINE = "lstm"

@@ -3,7 +3,7 @@
 Each script's ``main`` runs in-process (the memory script's peak-RSS run starts one fresh
 process); the sizes are tiny. Only the throughput script runs in the default suite; the others
 are marked slow. The shared
-helpers of ``benchmarks.common`` are checked on their own, without compiling anything.
+helpers of ``benchmarks.harness`` are checked on their own, without compiling anything.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks import common, memory, scaling_length, scaling_window, streaming, throughput
+from benchmarks import memory, scaling_length, scaling_window, streaming, throughput
+from benchmarks.harness import arguments, output, series, timing, workloads
 from benchmarks.naive_cell import NaiveLARNNCell
 from experiments.config import TrainConfig
 from experiments.steps import build_model
@@ -95,7 +96,7 @@ def test_scaling_length_runs_the_chosen_models_and_saves_after_every_length(
     saved: list[dict[str, Any]] = []
 
     def save_and_read(*args: Any) -> Path:
-        path = common.write_partial_json(*args)
+        path = output.write_partial_json(*args)
         saved.append(json.loads(path.read_text()))
         return path
 
@@ -180,19 +181,21 @@ def test_memory(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmarks.common
+# benchmarks.harness
 
 
 def test_workloads_are_the_models_the_training_builds() -> None:
     """A workload is a training configuration (the paper's by default) built by the training's
     ``build_model``; the LARNN variants differ from it only in their scan or cell."""
-    assert common.Workload("larnn").config() == TrainConfig()
-    assert common.Workload("larnn").model() == build_model(TrainConfig(), common.PAPER["classes"])
+    assert workloads.Workload("larnn").config() == TrainConfig()
+    assert workloads.Workload("larnn").model() == build_model(
+        TrainConfig(), workloads.PAPER["classes"]
+    )
     small = {"steps": 16, "hidden": 6, "heads": 2, "window": 3, "layers": 1, "batch": 4}
-    config = common.Workload("larnn_remat", **small).config()
+    config = workloads.Workload("larnn_remat", **small).config()
     assert (config.model, config.remat_chunk_length, config.batch_size) == ("larnn", 4, 4)
     assert (config.hidden, config.heads, config.window, config.layers) == (6, 2, 3, 1)
-    models = {block: common.Workload(block, **small).model() for block in common.BLOCKS}
+    models = {block: workloads.Workload(block, **small).model() for block in workloads.BLOCKS}
     scans = {block: model.scan for block, model in models.items()}
     assert scans == {
         "larnn": "fused",
@@ -204,19 +207,19 @@ def test_workloads_are_the_models_the_training_builds() -> None:
     }
     assert isinstance(models["larnn_naive"].cell, NaiveLARNNCell)
     assert models["larnn_plain"].cell == models["larnn"].cell
-    assert common.Workload("bnlstm", **small).config().model == "bnlstm"
+    assert workloads.Workload("bnlstm", **small).config().model == "bnlstm"
     with pytest.raises(ValueError, match="block must be one of"):
-        common.Workload("gru")
+        workloads.Workload("gru")
 
 
 def test_interleaved_timings_rotates_and_counts() -> None:
     """Warm-up calls first, then one call per function per repeat, in rotated order."""
     calls: list[str] = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    samples = common.interleaved_timings(functions, repeats=3, warmup=1)
+    samples = timing.interleaved_timings(functions, repeats=3, warmup=1)
     assert calls == list("abc" + "abc" + "bca" + "cab")
     assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3, "c": 3}
-    summary = common.summarize([3.0, 1.0, 2.0])
+    summary = timing.summarize([3.0, 1.0, 2.0])
     assert summary["median_s"] == 2.0 and summary["min_s"] == 1.0 and summary["repeats"] == 3
 
 
@@ -239,7 +242,7 @@ class FakeBench:
 def test_measure_series_stops_at_the_memory_budget() -> None:
     """A model whose analysis exceeds the budget stops there; the others go on."""
     saved_counts: list[int] = []
-    rows, stopped = common.measure_series(
+    rows, stopped = series.measure_series(
         [1, 2, 4],
         ["small", "big"],
         lambda model, point: FakeBench(point * (100 if model == "big" else 1)),
@@ -261,7 +264,7 @@ def test_measure_series_stops_at_the_memory_budget() -> None:
     assert set(stopped) == {"big"} and "stopped at 4" in stopped["big"]
 
     # A series of models that all stop ends there.
-    rows, stopped = common.measure_series(
+    rows, stopped = series.measure_series(
         [1, 2, 4],
         ["big"],
         lambda model, point: FakeBench(point * 100),
@@ -276,12 +279,12 @@ def test_measure_series_stops_at_the_memory_budget() -> None:
 
 def test_helpers() -> None:
     """Argument helpers, the rematerialisation chunk and the table format."""
-    assert common.doubling(128, 1024) == "128,256,512,1024"
-    assert common.int_list("1,2,4") == [1, 2, 4]
-    assert common.default_remat_chunk_length(4096) == 64
-    assert common.default_remat_chunk_length(128) in (8, 16)
-    table = common.format_table(
+    assert arguments.doubling(128, 1024) == "128,256,512,1024"
+    assert arguments.int_list("1,2,4") == [1, 2, 4]
+    assert workloads.default_remat_chunk_length(4096) == 64
+    assert workloads.default_remat_chunk_length(128) in (8, 16)
+    table = output.format_table(
         [{"a": 1, "b": 2.5}, {"a": 10}],
-        [common.Column("a", "A"), common.Column("b", "B", "{:.1f}")],
+        [output.Column("a", "A"), output.Column("b", "B", "{:.1f}")],
     )
     assert table.splitlines() == ["|  A |   B |", "|---:|----:|", "|  1 | 2.5 |", "| 10 |     |"]

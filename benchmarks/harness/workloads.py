@@ -1,0 +1,229 @@
+"""The models a benchmark measures, built as the training builds them (:class:`Workload`), and
+their training step and evaluation-mode forward pass, compiled for one batch
+(:class:`TrainingBench`, :class:`InferenceBench`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.harness.memory_use import memory_analysis
+from benchmarks.harness.timing import timed_compile
+from benchmarks.naive_cell import SCAN as NAIVE_SCAN
+from benchmarks.naive_cell import naive_twin
+from experiments.config import TrainConfig
+from experiments.steps import build_model, init_state, make_optimizer, make_train_step
+from larnn_jax.models import SequenceClassifier
+from larnn_jax.typing import PyTree
+
+_PAPER_CONFIG = TrainConfig()
+
+
+# The paper's UCI HAR configuration (docs/model.md §5): 9 inertial channels x 128 steps, 6 classes, and
+# the training's defaults (its best hyperparameters).
+PAPER = {
+    "batch": _PAPER_CONFIG.batch_size,
+    "steps": 128,
+    "inputs": 9,
+    "classes": 6,
+    "hidden": _PAPER_CONFIG.hidden,
+    "heads": _PAPER_CONFIG.heads,
+    "window": _PAPER_CONFIG.window,
+    "layers": _PAPER_CONFIG.layers,
+    "dropout": _PAPER_CONFIG.dropout,
+}
+
+
+# Models a benchmark can build: the training's three (``TrainConfig.model``), and LARNN with the
+# plain scan (``nn.RNN`` over the cell, the implementation before the fused scan), with
+# rematerialised training scans (``scan='remat'``) and with the naive cell.
+BLOCKS = ("larnn", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
+
+
+def default_remat_chunk_length(steps: int) -> int:
+    """The divisor of ``steps`` nearest ``sqrt(steps)`` (chunk length for rematerialisation)."""
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return min(divisors, key=lambda d: abs(d - steps**0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A classifier (docs/model.md §3) and the batch it trains on; the unit every benchmark measures.
+
+    The model is the training's (:func:`experiments.steps.build_model`) for the
+    :class:`~experiments.config.TrainConfig` of :meth:`config`: the paper's configuration (the
+    training's defaults) but for the sizes given here. ``block`` is one of :data:`BLOCKS`:
+
+    * ``'larnn'``, ``'bnlstm'``, ``'lstm'``: the training's models, LARNN with the library's
+      default fused scan;
+    * ``'larnn_plain'``: LARNN with ``scan='plain'`` (``nn.RNN`` over the cell);
+    * ``'larnn_remat'``: LARNN with rematerialised training scans in chunks of
+      ``remat_chunk_length`` steps (default: the divisor of ``steps`` nearest its square root),
+      as ``TrainConfig(remat_chunk_length=N)`` trains;
+    * ``'larnn_naive'``: LARNN (same variables) with
+      :class:`~benchmarks.naive_cell.NaiveLARNNCell`, under the plain scan.
+    """
+
+    block: str
+    batch: int = PAPER["batch"]
+    steps: int = PAPER["steps"]
+    inputs: int = PAPER["inputs"]
+    classes: int = PAPER["classes"]
+    hidden: int = PAPER["hidden"]
+    heads: int = PAPER["heads"]
+    window: int = PAPER["window"]
+    layers: int = PAPER["layers"]
+    dropout: float = PAPER["dropout"]
+    norm: str = _PAPER_CONFIG.norm
+    remat_chunk_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+
+    @property
+    def chunk(self) -> int:
+        """The chunk length of ``'larnn_remat'``."""
+        return self.remat_chunk_length or default_remat_chunk_length(self.steps)
+
+    def config(self) -> TrainConfig:
+        """The training configuration of this workload's model and batch."""
+        return dataclasses.replace(
+            _PAPER_CONFIG,
+            model=self.block.partition("_")[0],
+            hidden=self.hidden,
+            heads=self.heads,
+            window=self.window,
+            layers=self.layers,
+            dropout=self.dropout,
+            norm=self.norm,
+            batch_size=self.batch,
+            remat_chunk_length=self.chunk if self.block == "larnn_remat" else None,
+        )
+
+    def model(self) -> SequenceClassifier:
+        """The classifier, as the training builds it (with the scan or cell ``block`` names)."""
+        model = build_model(self.config(), self.classes)
+        if self.block == "larnn_plain":
+            return model.clone(scan="plain")
+        if self.block == "larnn_naive":
+            return model.clone(cell=naive_twin(model.cell), scan=NAIVE_SCAN)
+        return model
+
+    def data(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+        """Standard-normal inputs ``(batch, steps, inputs)`` and random labels ``(batch,)``."""
+        key_x, key_y = jax.random.split(jax.random.key(seed))
+        x = jax.random.normal(key_x, (self.batch, self.steps, self.inputs), jnp.float32)
+        return x, jax.random.randint(key_y, (self.batch,), 0, self.classes)
+
+
+class TrainingBench:
+    """A model's training step on one fixed batch, to be called repeatedly.
+
+    The step is the training's own (:func:`experiments.steps.make_train_step`: forward,
+    backward, the optimiser update, the state donated), compiled ahead for this batch, on the
+    state of :func:`experiments.steps.init_state`. Calling it runs one step (the state moves on,
+    as in training) and waits for the result.
+
+    Attributes:
+      compile_seconds: time to trace, lower and compile the step.
+      memory: :func:`memory_analysis` of the compiled step.
+      parameters: number of trained parameters.
+      usage: per call, CPU seconds in user and kernel mode and minor page faults.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: jax.Array,
+        y: jax.Array,
+        optimizer: optax.GradientTransformation | None = None,
+        seed: int = 0,
+    ):
+        """``optimizer``: default, the training's for the paper's configuration."""
+        if optimizer is None:
+            optimizer = make_optimizer(_PAPER_CONFIG, steps_per_epoch=1)
+        self.x, self.y = x, y
+        self.rows = jnp.arange(len(y), dtype=jnp.int32)  # the batch is all of x
+        self.steps_run = 0
+        self.state = init_state(model, optimizer, x[:1], seed)
+        self.parameters = parameter_count(self.state["params"])
+        self.compiled, self.compile_seconds = timed_compile(
+            make_train_step(model, optimizer), self.state, x, y, self.rows, self.steps_run
+        )
+        self.memory = memory_analysis(self.compiled)
+        self.usage: list[tuple[float, float, int]] = []
+
+    @classmethod
+    def of(cls, workload: Workload) -> TrainingBench:
+        """The bench of a :class:`Workload`, with the training's optimiser for its configuration
+        (the length of an epoch only sets when the learning rate decays: one step here)."""
+        optimizer = make_optimizer(workload.config(), steps_per_epoch=1)
+        return cls(workload.model(), *workload.data(), optimizer=optimizer)
+
+    def __call__(self) -> float:
+        """One training step; returns the loss. Records the CPU time and page faults it took."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        self.state, loss, _ = self.compiled(self.state, self.x, self.y, self.rows, self.steps_run)
+        self.steps_run += 1
+        value = float(jax.block_until_ready(loss))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.usage.append(
+            (
+                after.ru_utime - before.ru_utime,
+                after.ru_stime - before.ru_stime,
+                after.ru_minflt - before.ru_minflt,
+            )
+        )
+        return value
+
+    def usage_summary(self) -> dict[str, float]:
+        """Medians over the calls so far: CPU seconds in user and kernel mode, minor page faults.
+
+        This process's own CPU time (all threads), so other load on the machine does not count;
+        kernel time on the CPU backend is mostly the zero-filling of freshly mapped temporary
+        buffers (one minor fault per 4 KiB page).
+        """
+        if not self.usage:
+            return {}
+        user, kernel, faults = np.median(np.asarray(self.usage), axis=0)
+        return {
+            "cpu_user_s": float(user),
+            "cpu_sys_s": float(kernel),
+            "minor_faults": float(faults),
+        }
+
+
+class InferenceBench:
+    """A model's compiled evaluation-mode forward pass on one fixed batch."""
+
+    def __init__(self, model: nn.Module, x: jax.Array, seed: int = 0):
+        self.x = x
+        self.variables = model.init(jax.random.key(seed), x[:1], deterministic=True)
+
+        def infer(variables: PyTree, x: jax.Array) -> jax.Array:
+            return model.apply(variables, x, deterministic=True)
+
+        self.compiled, self.compile_seconds = timed_compile(infer, self.variables, x)
+        self.memory = memory_analysis(self.compiled)
+
+    @classmethod
+    def of(cls, workload: Workload) -> InferenceBench:
+        """The bench of a :class:`Workload`."""
+        return cls(workload.model(), workload.data()[0])
+
+    def __call__(self) -> None:
+        """One forward pass, waited for."""
+        jax.block_until_ready(self.compiled(self.variables, self.x))
+
+
+def parameter_count(tree: PyTree) -> int:
+    """Number of scalars in a tree of arrays."""
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
