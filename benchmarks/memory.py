@@ -143,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(describe_machine(machine_info()))
     print(
-        f"training step, batch {args.batch}, T={args.steps}, D={args.inputs}, H={args.hidden}, "
-        f"heads {args.heads}, k={args.window}, {args.layers} layers; GB = 1e9 bytes"
+        f"training step, batch {args.batch}, T={args.steps}, D={args.inputs}, H={args.features}, "
+        f"heads {args.num_heads}, k={args.window_size}, {args.num_layers} layers; GB = 1e9 bytes"
     )
     print(
         format_table(

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_and_write(
         args.out,
         payload,
-        f"training step, batch {args.batch}, T={args.steps}, {args.layers} layers; XLA:CPU "
+        f"training step, batch {args.batch}, T={args.steps}, {args.num_layers} layers; XLA:CPU "
         f"operations by kind, thread time summed over {args.repeats} traced steps",
         [
             Column("model", "model"),

@@ -6,7 +6,7 @@ with the same step, the training's own (forward, backward, optimiser update; see
 makes the loss depend on every step's output (with only the last step, XLA could skip all but
 the last query of the attention). Blocks:
 
-* ``larnn``: ``--layers`` LARNN layers (default one) with residual stacking (docs/model.md §3), the
+* ``larnn``: ``--num-layers`` LARNN layers (default one) with residual stacking (docs/model.md §3), the
   library's default fused scan;
 * ``larnn_remat``: the same with ``scan='remat'``, the training scan rematerialised in chunks of
   ``N`` steps (``remat_chunk_length``), ``N`` the divisor of ``T`` nearest ``sqrt(T)``;
@@ -37,7 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness.arguments import add_run_arguments, add_subset_argument, doubling, int_list
+from benchmarks.harness.arguments import (
+    add_run_arguments,
+    add_subset_argument,
+    add_workload_arguments,
+    doubling,
+    int_list,
+)
 from benchmarks.harness.machine import describe_machine, machine_info
 from benchmarks.harness.memory_use import GIB, memory_budget_bytes
 from benchmarks.harness.output import (
@@ -102,20 +108,20 @@ class PooledClassifier(nn.Module):
 
 def build_model(name: str, args: argparse.Namespace, length: int) -> PooledClassifier:
     """The model ``name`` (one of :data:`MODELS`) of the parsed flags for length ``T``."""
-    cell = LARNNCell(args.hidden, num_heads=args.heads, window_size=args.window)
+    cell = LARNNCell(args.features, num_heads=args.num_heads, window_size=args.window_size)
     if name == "larnn":
-        block: nn.Module = LARNN(cell, num_layers=args.layers, residual_stacking=True)
+        block: nn.Module = LARNN(cell, num_layers=args.num_layers, residual_stacking=True)
     elif name == "larnn_remat":
         block = LARNN(
             cell,
-            num_layers=args.layers,
+            num_layers=args.num_layers,
             residual_stacking=True,
             scan="remat",
             remat_chunk_length=default_remat_chunk_length(length),
         )
     else:
-        block = CausalSelfAttention(args.hidden, args.heads)
-    return PooledClassifier(block, args.hidden, PAPER["classes"])
+        block = CausalSelfAttention(args.features, args.num_heads)
+    return PooledClassifier(block, args.features, PAPER["classes"])
 
 
 def _crossover(rows: list[dict[str, Any]], key: str, model: str) -> int | None:
@@ -195,12 +201,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the tables and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int_list, default=doubling(128, 8192))
-    parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
-    parser.add_argument("--inputs", type=int, default=PAPER["inputs"])
-    parser.add_argument("--hidden", type=int, default=PAPER["hidden"])
-    parser.add_argument("--heads", type=int, default=PAPER["heads"])
-    parser.add_argument("--window", type=int, default=PAPER["window"])
-    parser.add_argument("--layers", type=int, default=1, help="LARNN layers (attention: one)")
+    add_workload_arguments(parser, skip=("steps", "classes", "dropout_rate"), batch=4, num_layers=1)
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
     add_subset_argument(parser, "--models", MODELS)
     add_run_arguments(parser, "scaling_length", repeats=3)
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "scaling_length",
         "complete": True,
         "config": vars(args),
-        "larnn_block": f"{args.layers} LARNN layer(s), residual stacking",
+        "larnn_block": f"{args.num_layers} LARNN layer(s), residual stacking",
         "attention_block": "one causal multi-head self-attention layer, residual sum",
         "memory_budget_bytes": budget,
         "rows": rows,
@@ -273,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     print(describe_machine(machine_info()))
     print(
-        f"batch {args.batch}, H={args.hidden}, heads {args.heads}, k={args.window}; LARNN: "
-        f"{args.layers} layer(s); attention: 1 layer; median of {args.repeats}; budgets "
+        f"batch {args.batch}, H={args.features}, heads {args.num_heads}, k={args.window_size}; "
+        f"LARNN: {args.num_layers} layer(s); attention: 1 layer; median of {args.repeats}; budgets "
         f"{(budget or 0) / GIB:.1f} GiB, {args.time_budget_s:.0f} s"
     )
     by_length: dict[int, dict[str, Any]] = {}

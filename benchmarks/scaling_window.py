@@ -1,6 +1,6 @@
 """Training-step time and memory of LARNN against the window size k: cached versus naive cell.
 
-The classifier of docs/model.md §3 (``--layers`` LARNN layers, residual stacking) at ``T = 128``, for
+The classifier of docs/model.md §3 (``--num-layers`` LARNN layers, residual stacking) at ``T = 128``, for
 ``k = 1, 2, 4, …, 128``, with :class:`larnn_jax.LARNNCell` (``larnn``: entries projected once,
 normalisation folded into the query and output, docs/model.md §2) and with
 :class:`benchmarks.naive_cell.NaiveLARNNCell` (``larnn_naive``: every step re-projects and
@@ -70,7 +70,7 @@ def plot(rows: list[dict[str, Any]], out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_workload_arguments(parser, skip=("window",), batch=64)
+    add_workload_arguments(parser, skip=("window_size",), batch=64)
     parser.add_argument("--windows", type=int_list, default=doubling(1, 128))
     parser.add_argument("--time-budget-s", type=float, default=60.0, help="stop above this")
     add_subset_argument(parser, "--models", MODELS)
@@ -78,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     budget = memory_budget_bytes(args.memory_budget_gb)
 
-    def make_bench(model: str, window: int) -> TrainingBench:
-        return TrainingBench.of(workload_from_args(args, model, window=window))
+    def make_bench(model: str, window_size: int) -> TrainingBench:
+        return TrainingBench.of(workload_from_args(args, model, window_size=window_size))
 
     rows, stopped = measure_series(
         args.windows,
@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     print(describe_machine(machine_info()))
     print(
-        f"batch {args.batch}, T={args.steps}, H={args.hidden}, heads {args.heads}, "
-        f"{args.layers} layers; median of {args.repeats}; budgets {(budget or 0) / GIB:.1f} GiB, "
+        f"batch {args.batch}, T={args.steps}, H={args.features}, heads {args.num_heads}, "
+        f"{args.num_layers} layers; median of {args.repeats}; budgets {(budget or 0) / GIB:.1f} GiB, "
         f"{args.time_budget_s:.0f} s"
     )
     print(

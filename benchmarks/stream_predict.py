@@ -33,10 +33,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.harness.arguments import add_run_arguments, add_subset_argument
+from benchmarks.harness.arguments import (
+    add_run_arguments,
+    add_subset_argument,
+    add_workload_arguments,
+    workload_from_args,
+)
 from benchmarks.harness.output import Column, print_and_write
 from benchmarks.harness.timing import interleaved_timings, summarize
-from benchmarks.harness.workloads import PAPER, Workload
+from benchmarks.harness.workloads import Workload
 from experiments.prediction import Predictor
 from experiments.preprocessing import Preprocessing
 
@@ -78,8 +83,7 @@ def with_cpu_time(function: Callable[[], Any], seconds: list[float]) -> Callable
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name in ("steps", "inputs", "classes", "hidden", "heads", "window", "layers"):
-        parser.add_argument(f"--{name}", type=int, default=PAPER[name])
+    add_workload_arguments(parser, skip=("batch", "dropout_rate"))
     parser.add_argument(
         "--strides",
         type=lambda text: [int(s) for s in text.split(",")],
@@ -99,17 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     carries: dict[str, int] = {}
     cpu_times: dict[str, list[float]] = collections.defaultdict(list)
     for block in args.models:
-        workload = Workload(
-            block=block,
-            batch=1,
-            steps=args.steps,
-            inputs=args.inputs,
-            classes=args.classes,
-            hidden=args.hidden,
-            heads=args.heads,
-            window=args.window,
-            layers=args.layers,
-        )
+        workload = workload_from_args(args, block, batch=1)
         predictor = make_predictor(workload)
         for stride in args.strides:
             stream = predictor.stream(stride)
@@ -149,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_and_write(
         args.out,
         payload,
-        f"T={args.steps}, C={args.inputs}, H={args.hidden}, heads {args.heads}, "
-        f"k={args.window}, {args.layers} layers, {args.classes} classes; {args.samples} pushes "
+        f"T={args.steps}, C={args.inputs}, H={args.features}, heads {args.num_heads}, "
+        f"k={args.window_size}, {args.num_layers} layers, {args.classes} classes; {args.samples} pushes "
         f"per stream, in turns; recompute: median of {args.repeats}",
         [
             Column("model", "model"),

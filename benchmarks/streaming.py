@@ -30,7 +30,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from benchmarks.harness.arguments import add_run_arguments, add_subset_argument
+from benchmarks.harness.arguments import (
+    add_run_arguments,
+    add_subset_argument,
+    add_workload_arguments,
+)
 from benchmarks.harness.output import Column, print_and_write
 from benchmarks.harness.timing import interleaved_timings, summarize
 from benchmarks.harness.workloads import PAPER
@@ -55,9 +59,9 @@ def make_cell(name: str, norm: str | None, args: argparse.Namespace) -> nn.RNNCe
     settings = {"norm": norm} if norm is not None else {}
     config = TrainConfig(
         model=name.partition("_")[0],
-        hidden=args.hidden,
-        heads=args.heads,
-        window=args.window,
+        features=args.features,
+        num_heads=args.num_heads,
+        window_size=args.window_size,
         **settings,
     )
     cell = config.build_cell()
@@ -94,10 +98,11 @@ def scan_per_step(cell: nn.RNNCellBase, inputs: int, steps: int) -> Callable[[],
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints the table and returns (and writes) the JSON payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=PAPER["hidden"])
-    parser.add_argument("--heads", type=int, default=PAPER["heads"])
-    parser.add_argument("--window", type=int, default=PAPER["window"])
-    parser.add_argument("--inputs", type=int, default=PAPER["hidden"])
+    add_workload_arguments(
+        parser,
+        skip=("batch", "steps", "classes", "num_layers", "dropout_rate"),
+        inputs=PAPER["features"],
+    )
     parser.add_argument("--calls", type=int, default=3000, help="timed steps per cell")
     parser.add_argument("--scan-steps", type=int, default=1000, help="steps of the in-scan run")
     labels = [f"{name}/{norm}" if norm else name for name, norm in CELLS]
@@ -138,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_and_write(
         args.out,
         payload,
-        f"batch 1, D={args.inputs}, H={args.hidden}, heads {args.heads}, k={args.window}; "
+        f"batch 1, D={args.inputs}, H={args.features}, heads {args.num_heads}, k={args.window_size}; "
         f"{args.calls} calls per cell, in turns; in-scan: {args.scan_steps} steps, median of "
         f"{args.repeats}",
         [

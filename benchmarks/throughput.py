@@ -58,9 +58,11 @@ def torch_benches(workload: Workload) -> tuple[Callable[[], None], Callable[[], 
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
     torch.manual_seed(0)
-    projection = torch.nn.Linear(workload.inputs, workload.hidden)
-    lstm = torch.nn.LSTM(workload.hidden, workload.hidden, workload.layers, batch_first=True)
-    classifier = torch.nn.Linear(workload.hidden, workload.classes)
+    projection = torch.nn.Linear(workload.inputs, workload.features)
+    lstm = torch.nn.LSTM(
+        workload.features, workload.features, workload.num_layers, batch_first=True
+    )
+    classifier = torch.nn.Linear(workload.features, workload.classes)
     modules = torch.nn.ModuleList([projection, lstm, classifier]).to(device)
     optimizer = torch.optim.Adam(modules.parameters(), lr=1e-3)
     x_jax, y_jax = workload.data()
@@ -193,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(describe_machine(machine_info()))
     print(
-        f"batch {args.batch}, T={args.steps}, D={args.inputs}, H={args.hidden}, "
-        f"heads {args.heads}, k={args.window}, {args.layers} layers; median of {args.repeats}"
+        f"batch {args.batch}, T={args.steps}, D={args.inputs}, H={args.features}, "
+        f"heads {args.num_heads}, k={args.window_size}, {args.num_layers} layers; median of {args.repeats}"
     )
     print(
         format_table(

@@ -124,14 +124,14 @@ def _config_values(record: TrialRecord) -> dict[str, Any]:
     values = resolved.config.to_dict()
     for name in RUN_LOCATION_FIELDS:
         values.pop(name)
-    return {"hidden_requested": resolved.hidden_requested, **values}
+    return {"features_requested": resolved.features_requested, **values}
 
 
 def trial_table(records: Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial, sorted by best validation accuracy (trials without results last).
 
     Columns: :data:`SUMMARY_COLUMNS`, ``error``, ``nodes`` (the Ray node ids that ran it, comma
-    separated) and every configuration field (``hidden_requested`` included). The names of the
+    separated) and every configuration field (``features_requested`` included). The names of the
     hyperparameters that vary across trials are in ``table.attrs["varying"]``.
     """
     rows = []
@@ -195,7 +195,7 @@ def best_config(table: pd.DataFrame, records: Sequence[TrialRecord]) -> dict[str
     best_id = table["trial_id"].iloc[0]
     record = next(record for record in records if record.trial_id == best_id)
     config = _config_values(record)
-    config.pop("hidden_requested")
+    config.pop("features_requested")
     return config
 
 

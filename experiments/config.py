@@ -38,7 +38,8 @@ class ConfigError(ValueError):
 
 
 def _option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field carrying its command-line help (and ``choices``) in its metadata."""
+    """A dataclass field carrying its command-line help (and ``choices``, ``metavar``, the
+    flag's short forms ``aliases``) in its metadata."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
@@ -47,8 +48,11 @@ class TrainConfig:
     """Every setting of a training run; defaults are the paper's best configuration (docs/model.md §5).
 
     Field names are the keys of ``--config`` files and of ``config.json``; the command-line flag
-    of field ``some_name`` is ``--some-name`` (``--no-some-name`` for switches). Resuming a run
-    requires the same values for all fields except :data:`RUN_FIELDS`.
+    of field ``some_name`` is ``--some-name`` (``--no-some-name`` for switches), some with a short
+    form (``--window`` for ``--window-size``). The settings of the cell and of the classifier
+    bear the names of their fields in the library (:class:`~larnn_jax.LARNNCell`,
+    :class:`~larnn_jax.models.SequenceClassifier`): one name from the command line to the cell.
+    Resuming a run requires the same values for all fields except :data:`RUN_FIELDS`.
     """
 
     model: str = _option(
@@ -63,19 +67,29 @@ class TrainConfig:
         "state and attention) or layer (one dense layer over their concatenation)",
         choices=MODES,
     )
-    hidden: int = _option(81, "hidden size H: units of every layer (a multiple of --heads)")
-    heads: int = _option(27, "attention heads (larnn)")
-    window: int = _option(
-        38, "attention window: number of most recent cell states attended over, in time steps"
+    features: int = _option(
+        81,
+        "hidden size H: units of every layer (a multiple of --num-heads)",
+        aliases=("--hidden",),
     )
-    layers: int = _option(3, "number of stacked recurrent layers")
+    num_heads: int = _option(27, "attention heads (larnn)", aliases=("--heads",))
+    window_size: int = _option(
+        38,
+        "attention window k: number of most recent cell states attended over, in time steps",
+        aliases=("--window",),
+    )
+    num_layers: int = _option(3, "number of stacked recurrent layers", aliases=("--layers",))
     residual_stacking: bool = _option(
         True, "add each layer's output to its input sequence instead of replacing it"
     )
-    positional_encoding: bool = _option(
-        False, "concatenate a positional encoding to each window entry (larnn)"
+    use_positional_encoding: bool = _option(
+        False,
+        "concatenate a positional encoding to each window entry (larnn)",
+        aliases=("--positional-encoding",),
     )
-    kv_activation: bool = _option(True, "apply BN∘elu to attention keys and values (larnn)")
+    activation_on_keys_and_values: bool = _option(
+        True, "apply BN∘elu to attention keys and values (larnn)", aliases=("--kv-activation",)
+    )
     norm: str = _option(
         "batch",
         "normalisation inside the cells (larnn, bnlstm)",
@@ -88,9 +102,15 @@ class TrainConfig:
         "c_t = BN_c(f * c_{t-1} + i * g), carried; its evaluation diverges on some sequences)",
         choices=CELL_NORM_PLACEMENTS,
     )
-    dropout: float = _option(0.0889, "dropout probability on each layer's output h_t")
-    kv_dropout: float = _option(0.1, "dropout probability on window entries (larnn)")
-    attention_dropout: float = _option(0.1, "dropout probability on attention weights (larnn)")
+    dropout_rate: float = _option(
+        0.0889, "dropout probability on each layer's output h_t", aliases=("--dropout",)
+    )
+    kv_dropout_rate: float = _option(
+        0.1, "dropout probability on window entries (larnn)", aliases=("--kv-dropout",)
+    )
+    attention_dropout_rate: float = _option(
+        0.1, "dropout probability on attention weights (larnn)", aliases=("--attention-dropout",)
+    )
     learning_rate: float = _option(0.006026, "Adam's initial learning rate (per step)")
     l2: float = _option(
         0.00065,
@@ -159,11 +179,24 @@ class TrainConfig:
                     f"{field.name} must be one of {', '.join(choices)}; got "
                     f"{getattr(self, field.name)!r}"
                 )
-        positive = ("hidden", "heads", "window", "layers", "decay_every", "epochs", "batch_size")
+        positive = (
+            "features",
+            "num_heads",
+            "window_size",
+            "num_layers",
+            "decay_every",
+            "epochs",
+            "batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("dropout", "kv_dropout", "attention_dropout", "validation_fraction"):
+        for name in (
+            "dropout_rate",
+            "kv_dropout_rate",
+            "attention_dropout_rate",
+            "validation_fraction",
+        ):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.l2 < 0 or not 0 < self.decay_factor <= 1:
@@ -177,8 +210,10 @@ class TrainConfig:
             )
         if self.validation_subjects < 0:
             raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
-        if self.model == "larnn" and self.hidden % self.heads:
-            raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.model == "larnn" and self.features % self.num_heads:
+            raise ConfigError(
+                f"features ({self.features}) must be a multiple of num_heads ({self.num_heads})"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -207,26 +242,26 @@ class TrainConfig:
         of the classifier copies it): ``nn.LSTMCell``, :class:`~larnn_jax.BNLSTMCell` or
         :class:`~larnn_jax.LARNNCell`."""
         if self.model == "lstm":
-            return nn.LSTMCell(self.hidden)
+            return nn.LSTMCell(self.features)
         if self.model == "bnlstm":
             return BNLSTMCell(
-                self.hidden,
+                self.features,
                 norm=self.norm,
                 cell_norm_placement=self.cell_norm_placement,
-                dropout_rate=self.dropout,
+                dropout_rate=self.dropout_rate,
             )
         return LARNNCell(
-            self.hidden,
-            num_heads=self.heads,
-            window_size=self.window,
+            self.features,
+            num_heads=self.num_heads,
+            window_size=self.window_size,
             mode=self.mode,
-            use_positional_encoding=self.positional_encoding,
-            activation_on_keys_and_values=self.kv_activation,
+            use_positional_encoding=self.use_positional_encoding,
+            activation_on_keys_and_values=self.activation_on_keys_and_values,
             norm=self.norm,
             cell_norm_placement=self.cell_norm_placement,
-            dropout_rate=self.dropout,
-            kv_dropout_rate=self.kv_dropout,
-            attention_dropout_rate=self.attention_dropout,
+            dropout_rate=self.dropout_rate,
+            kv_dropout_rate=self.kv_dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
         )
 
 
@@ -239,8 +274,22 @@ RUN_FIELDS = frozenset({"epochs", "remat_chunk_length", "data_dir", "out", "prog
 #: Fields added after runs had been saved without them, with the value those runs used.
 SETTINGS_OF_OLDER_RUNS: dict[str, Any] = {"cell_norm_placement": "carried"}
 
-#: Fields renamed after runs had been saved with them: old name → today's name.
-RENAMED_FIELDS: dict[str, str] = {"checkpoint_every": "remat_chunk_length"}
+#: Fields renamed after runs had been saved with them: old name → today's name. The cell's
+#: settings took the names of the cell's own fields (:class:`~larnn_jax.LARNNCell`,
+#: :class:`~larnn_jax.models.SequenceClassifier`), so that one name runs from the command line
+#: to the cell.
+RENAMED_FIELDS: dict[str, str] = {
+    "checkpoint_every": "remat_chunk_length",
+    "hidden": "features",
+    "heads": "num_heads",
+    "window": "window_size",
+    "layers": "num_layers",
+    "positional_encoding": "use_positional_encoding",
+    "kv_activation": "activation_on_keys_and_values",
+    "dropout": "dropout_rate",
+    "kv_dropout": "kv_dropout_rate",
+    "attention_dropout": "attention_dropout_rate",
+}
 
 
 def with_current_names(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -377,7 +426,8 @@ _METAVARS = {int: "N", float: "X", str: "TEXT"}
 def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per TrainConfig field to ``parser``: ``--some-name`` for field
     ``some_name`` (``--some-name/--no-some-name`` for switches), with the field's help, default
-    and choices.
+    and choices, and the short forms its metadata lists under ``aliases`` (``--window`` for
+    ``--window-size``).
 
     Every flag defaults to "not given" (absent from the parsed namespace), so that flags can
     override the values of a ``--config`` file, which override the TrainConfig defaults.
@@ -401,4 +451,4 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
             options["choices"] = field.metadata.get("choices")
             if options["choices"] is None:
                 options["metavar"] = field.metadata.get("metavar", _METAVARS[kind])
-        parser.add_argument(flag, **options)
+        parser.add_argument(flag, *field.metadata.get("aliases", ()), **options)

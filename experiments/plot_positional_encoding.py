@@ -1,18 +1,19 @@
 """Draws the LARNN positional encoding (docs/model.md §1) like the paper's Fig. 4.
 
-python -m experiments.plot_positional_encoding --window 128 --out docs/positional_encoding.png
+python -m experiments.plot_positional_encoding --window-size 128 --out docs/positional_encoding.png
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from experiments import cli
 from larnn_jax import positional_encoding
 
 
@@ -40,12 +41,15 @@ def plot(window_size: int, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = cli.command_parser("experiments.plot_positional_encoding", __doc__)
     parser.add_argument(
-        "--window", type=int, default=128, help="window size k (default 128, as Fig. 4)"
+        "--window-size",
+        "--window",
+        type=int,
+        default=128,
+        help="window size k (default 128, as Fig. 4)",
     )
     parser.add_argument(
         "--out",
@@ -54,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         help="PNG to write",
     )
     args = parser.parse_args(argv)
-    print(plot(args.window, args.out))
+    print(plot(args.window_size, args.out))
+    return cli.OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,28 +12,34 @@ values), hyperopt expression and resulting range:
     learning_rate  0.006·loguniform(-0.4, 0.4)  hp.loguniform(log 0.006 ± 0.4)    0.00402 .. 0.00895
     decay_every    quniform(6..50)              hp.quniform(6, 50, 1)             6 .. 50
     l2             0.002·loguniform(-1.3, 1.3)  hp.loguniform(log 0.002 ± 1.3)    0.000545 .. 0.00734
-    dropout        uniform(0.05, 0.5)           hp.uniform(0.05, 0.5)
-    hidden         68·loguniform(-0.3, 0.3)     hp.loguniform(log 68 ± 0.3)       50.4 .. 91.8 (requested)
-    heads          quniform(20..40)             hp.quniform(20, 40, 1)            20 .. 40
-    window         uniform(25, 100) as int      hp.uniform(25, 100)               25 .. 99
+    dropout_rate   uniform(0.05, 0.5)           hp.uniform(0.05, 0.5)
+    features       68·loguniform(-0.3, 0.3)     hp.loguniform(log 68 ± 0.3)       50.4 .. 91.8 (requested)
+    num_heads      quniform(20..40)             hp.quniform(20, 40, 1)            20 .. 40
+    window_size    uniform(25, 100) as int      hp.uniform(25, 100)               25 .. 99
     mode           residual | layer             hp.choice
-    positional_encoding  False | True           hp.choice
+    use_positional_encoding  False | True       hp.choice
 
 Round 1 (diffuse, 25 epochs, batch 256) differs in: learning_rate ``0.005·loguniform(-0.5, 0.5)``,
-decay_every ``quniform(3..10)``, l2 ``0.005·loguniform(-1.3, 1.3)``, hidden
-``64·loguniform(-0.6, 0.6)``, heads ``quniform(6..36)``, window ``uniform(10, 50)``, and it also
-samples kv_activation (False | True), layers (2 | 3) and residual_stacking (False | True).
+decay_every ``quniform(3..10)``, l2 ``0.005·loguniform(-1.3, 1.3)``, features
+``64·loguniform(-0.6, 0.6)``, num_heads ``quniform(6..36)``, window_size ``uniform(10, 50)``, and
+it also samples activation_on_keys_and_values (False | True), num_layers (2 | 3) and
+residual_stacking (False | True).
+
+The names are :class:`~experiments.config.TrainConfig`'s, which are the cell's
+(:class:`~larnn_jax.LARNNCell`); points of sweeps made before the fields took those names are read
+under the new ones (:data:`experiments.config.RENAMED_FIELDS`).
 
 Every setting a space neither samples nor fixes keeps its :class:`~experiments.config.TrainConfig`
-default (e.g. decay_factor 0.75, norm batch, kv_dropout and attention_dropout 0.1).
+default (e.g. decay_factor 0.75, norm batch, kv_dropout_rate and attention_dropout_rate 0.1).
 
 A sampled point becomes a trial's configuration by :func:`resolve_point`, which applies the integer
 and divisibility rules explicitly (the model itself never rounds anything):
 
-* ``heads``, ``decay_every``, ``layers``, ``batch_size``: rounded to the nearest integer;
-* ``window``: truncated to an integer ("as int");
-* ``hidden``: the sampled value is the *requested* size; the trial uses the nearest multiple of
-  ``heads`` (at least ``heads``) and reports both, as ``hidden_requested`` and ``hidden``.
+* ``num_heads``, ``decay_every``, ``num_layers``, ``batch_size``: rounded to the nearest integer;
+* ``window_size``: truncated to an integer ("as int");
+* ``features``: the sampled value is the *requested* size; the trial uses the nearest multiple of
+  ``num_heads`` (at least ``num_heads``) and reports both, as ``features_requested`` and
+  ``features``.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from hyperopt import hp
 from experiments.config import ConfigError, TrainConfig, with_current_names
 
 #: Integer fields a space may sample as floats; :func:`resolve_point` rounds them to the nearest.
-ROUNDED_FIELDS = ("heads", "decay_every", "layers", "batch_size")
+ROUNDED_FIELDS = ("num_heads", "decay_every", "num_layers", "batch_size")
 #: The fields of :class:`TrainConfig`, the only names a space may use.
 FIELDS = frozenset(field.name for field in dataclasses.fields(TrainConfig))
 
@@ -74,7 +80,7 @@ class SearchSpace:
 
     Attributes:
         name: short name, used in experiment names.
-        sampled: hyperopt expression per sampled field (``hidden`` is the requested size; see
+        sampled: hyperopt expression per sampled field (``features`` is the requested size; see
             :func:`resolve_point`).
         fixed: the values every trial shares. ``epochs`` is the budget of each trial, never
             sampled.
@@ -131,14 +137,14 @@ ROUND_1 = SearchSpace(
         "learning_rate": around("learning_rate", 0.005, 0.5),
         "decay_every": integer("decay_every", 3, 10),
         "l2": around("l2", 0.005, 1.3),
-        "dropout": hp.uniform("dropout", 0.05, 0.5),
-        "hidden": around("hidden", 64, 0.6),
-        "heads": integer("heads", 6, 36),
-        "window": hp.uniform("window", 10, 50),
+        "dropout_rate": hp.uniform("dropout_rate", 0.05, 0.5),
+        "features": around("features", 64, 0.6),
+        "num_heads": integer("num_heads", 6, 36),
+        "window_size": hp.uniform("window_size", 10, 50),
         "mode": hp.choice("mode", ["residual", "layer"]),
-        "positional_encoding": hp.choice("positional_encoding", [False, True]),
-        "kv_activation": hp.choice("kv_activation", [False, True]),
-        "layers": hp.choice("layers", [2, 3]),
+        "use_positional_encoding": hp.choice("use_positional_encoding", [False, True]),
+        "activation_on_keys_and_values": hp.choice("activation_on_keys_and_values", [False, True]),
+        "num_layers": hp.choice("num_layers", [2, 3]),
         "residual_stacking": hp.choice("residual_stacking", [False, True]),
     },
     fixed={"model": "larnn", "epochs": 25, "batch_size": 256},
@@ -151,20 +157,20 @@ ROUND_2 = SearchSpace(
         "learning_rate": around("learning_rate", 0.006, 0.4),
         "decay_every": integer("decay_every", 6, 50),
         "l2": around("l2", 0.002, 1.3),
-        "dropout": hp.uniform("dropout", 0.05, 0.5),
-        "hidden": around("hidden", 68, 0.3),
-        "heads": integer("heads", 20, 40),
-        "window": hp.uniform("window", 25, 100),
+        "dropout_rate": hp.uniform("dropout_rate", 0.05, 0.5),
+        "features": around("features", 68, 0.3),
+        "num_heads": integer("num_heads", 20, 40),
+        "window_size": hp.uniform("window_size", 25, 100),
         "mode": hp.choice("mode", ["residual", "layer"]),
-        "positional_encoding": hp.choice("positional_encoding", [False, True]),
+        "use_positional_encoding": hp.choice("use_positional_encoding", [False, True]),
     },
     fixed={
         "model": "larnn",
         "epochs": 100,
         "batch_size": 256,
-        "layers": 3,
+        "num_layers": 3,
         "residual_stacking": True,
-        "kv_activation": True,
+        "activation_on_keys_and_values": True,
     },
 )
 
@@ -197,7 +203,7 @@ class ResolvedPoint(NamedTuple):
     """A sampled point made into a trial: its configuration and the hidden size it asked for."""
 
     config: TrainConfig
-    hidden_requested: float
+    features_requested: float
 
 
 def round_to_multiple(value: float, step: int) -> int:
@@ -209,8 +215,9 @@ def resolve_point(point: Mapping[str, Any]) -> ResolvedPoint:
     """The trial configuration of a point of a space (a dict of TrainConfig field values).
 
     Applies the integer rules of the module docstring: the fields of :data:`ROUNDED_FIELDS` are
-    rounded, ``window`` truncated, and ``hidden`` (default: TrainConfig's) rounded to a multiple
-    of ``heads``. A field since renamed (a point of an older sweep) is read under its new name.
+    rounded, ``window_size`` truncated, and ``features`` (default: TrainConfig's) rounded to a
+    multiple of ``num_heads``. A field since renamed (a point of an older sweep) is read under its
+    new name.
 
     Raises:
         ConfigError: unknown fields or invalid values.
@@ -219,8 +226,10 @@ def resolve_point(point: Mapping[str, Any]) -> ResolvedPoint:
     for name in ROUNDED_FIELDS:
         if name in values:
             values[name] = round(values[name])
-    if "window" in values:
-        values["window"] = int(values["window"])
-    hidden_requested = float(values.get("hidden", TrainConfig.hidden))
-    values["hidden"] = round_to_multiple(hidden_requested, values.get("heads", TrainConfig.heads))
-    return ResolvedPoint(TrainConfig.from_dict(values), hidden_requested)
+    if "window_size" in values:
+        values["window_size"] = int(values["window_size"])
+    requested = float(values.get("features", TrainConfig.features))
+    values["features"] = round_to_multiple(
+        requested, values.get("num_heads", TrainConfig.num_heads)
+    )
+    return ResolvedPoint(TrainConfig.from_dict(values), requested)

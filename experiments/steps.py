@@ -37,7 +37,7 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
     return SequenceClassifier(
         num_classes,
         config.build_cell(),
-        num_layers=config.layers,
+        num_layers=config.num_layers,
         residual_stacking=config.residual_stacking,
         scan="fused" if config.remat_chunk_length is None else "remat",
         remat_chunk_length=config.remat_chunk_length,

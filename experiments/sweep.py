@@ -108,8 +108,8 @@ def _check_device_env() -> None:
 def run_trial(point: dict[str, Any]) -> None:
     """Tune's function trainable: trains the configuration of one point of the space.
 
-    Reports every epoch's metrics (those of ``metrics.jsonl`` plus ``hidden_requested``,
-    ``hidden`` and ``node_id``, the Ray node that ran the epoch) with that epoch's checkpoint.
+    Reports every epoch's metrics (those of ``metrics.jsonl`` plus ``features_requested``,
+    ``features`` and ``node_id``, the Ray node that ran the epoch) with that epoch's checkpoint.
     When Tune restores the trial (``--resume``, or after a pause), the checkpoint Tune holds is laid
     back into the run folder, replacing whatever is there, and training resumes from it.
     """
@@ -122,8 +122,8 @@ def run_trial(point: dict[str, Any]) -> None:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         checkpoint.to_directory(run_dir / "checkpoints")
     extra = {
-        "hidden_requested": resolved.hidden_requested,
-        "hidden": resolved.config.hidden,
+        "features_requested": resolved.features_requested,
+        "features": resolved.config.features,
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 

@@ -21,7 +21,7 @@ from benchmarks.naive_cell import NaiveLARNNCell
 from experiments.config import TrainConfig
 from experiments.steps import build_model
 
-TINY = ["--hidden", "6", "--heads", "2", "--window", "3"]
+TINY = ["--features", "6", "--num-heads", "2", "--window-size", "3"]
 COMMON_KEYS = {"machine", "code", "command", "benchmark", "config", "rows"}
 
 
@@ -43,7 +43,7 @@ def read_json(path: Path, benchmark: str) -> dict[str, Any]:
 def test_throughput(tmp_path: Path) -> None:
     """Every model gets a row (torch: a row or a clean skip) with ratios to Flax's LSTM."""
     out = tmp_path / "throughput.json"
-    args = [*TINY, "--batch", "4", "--steps", "8", "--layers", "1", "--repeats", "1"]
+    args = [*TINY, "--batch", "4", "--steps", "8", "--num-layers", "1", "--repeats", "1"]
     # larnn_remat runs in test_scaling_length, the naive cell in test_scaling_window.
     models = "larnn,larnn_plain,lstm,torch_lstm"
     args = [*args, "--warmup", "0", "--models", models]
@@ -144,7 +144,7 @@ def test_doubling_ratios() -> None:
 def test_scaling_window(tmp_path: Path) -> None:
     """Cached and naive cell at each window size, with their time ratio."""
     out = tmp_path / "scaling_window.json"
-    args = ["--hidden", "6", "--heads", "2", "--batch", "4", "--steps", "8", "--layers", "1"]
+    args = [*TINY[:4], "--batch", "4", "--steps", "8", "--num-layers", "1"]
     scaling_window.main([*args, "--windows", "2", "--repeats", "1", "--out", str(out)])
     document = read_json(out, "scaling_window")
     (entry,) = document["table"]
@@ -191,10 +191,22 @@ def test_workloads_are_the_models_the_training_builds() -> None:
     assert workloads.Workload("larnn").model() == build_model(
         TrainConfig(), workloads.PAPER["classes"]
     )
-    small = {"steps": 16, "hidden": 6, "heads": 2, "window": 3, "layers": 1, "batch": 4}
+    small = {
+        "steps": 16,
+        "features": 6,
+        "num_heads": 2,
+        "window_size": 3,
+        "num_layers": 1,
+        "batch": 4,
+    }
     config = workloads.Workload("larnn_remat", **small).config()
     assert (config.model, config.remat_chunk_length, config.batch_size) == ("larnn", 4, 4)
-    assert (config.hidden, config.heads, config.window, config.layers) == (6, 2, 3, 1)
+    assert (config.features, config.num_heads, config.window_size, config.num_layers) == (
+        6,
+        2,
+        3,
+        1,
+    )
     models = {block: workloads.Workload(block, **small).model() for block in workloads.BLOCKS}
     scans = {block: model.scan for block, model in models.items()}
     assert scans == {

@@ -38,7 +38,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A finished 3-epoch run (BN-LSTM: quick to compile), copied by the tests that change it."""
     root = tmp_path_factory.mktemp("checkpoint-runs")
     data = make_dataset(root / "toy.npz", train_rows=96)
-    config = tiny_config(data, root / "run", model="bnlstm", layers=1, epochs=3)
+    config = tiny_config(data, root / "run", model="bnlstm", num_layers=1, epochs=3)
     train_module.train(config)
     return root / "run"
 
@@ -158,7 +158,7 @@ def test_resume_with_a_changed_hyperparameter_names_it(
     assert "epochs" not in str(error.value)  # allowed to change on resume
     # The checkpoint's own copy of the config is checked too.
     (out / "config.json").unlink()
-    with pytest.raises(ConfigError, match="hidden"):
-        train_module.train(dataclasses.replace(config, hidden=6, heads=3), resume=True)
+    with pytest.raises(ConfigError, match="features"):
+        train_module.train(dataclasses.replace(config, features=6, num_heads=3), resume=True)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train_module.train(config)

@@ -30,7 +30,7 @@ TRAIN_ROWS = 96
 #: tiny_config's batch size is 4.
 STEPS_PER_EPOCH = TRAIN_ROWS // 4
 #: tiny_config's LARNN (every dropout on) with one layer: quicker to compile, in every child.
-CONFIG = {"layers": 1}
+CONFIG = {"num_layers": 1}
 
 
 def finished(process: subprocess.CompletedProcess[str]) -> str:

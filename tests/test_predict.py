@@ -396,8 +396,19 @@ def test_bad_npz_input_and_run_folders(
 
 def test_stream_latency_benchmark_at_tiny_sizes(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "stream_predict.json"
-    sizes = ["--hidden", "6", "--heads", "2", "--window", "3", "--steps", "8", "--inputs", "3"]
-    runs = ["--layers", "2", "--strides", "8,3", "--samples", "6", "--warmup", "1"]
+    sizes = ["--features", "6", "--num-heads", "2", "--window-size", "3", "--steps", "8"]
+    runs = [
+        "--inputs",
+        "3",
+        "--num-layers",
+        "2",
+        "--strides",
+        "8,3",
+        "--samples",
+        "6",
+        "--warmup",
+        "1",
+    ]
     stream_predict.main(
         [*sizes, *runs, "--repeats", "2", "--models", "larnn,lstm", "--out", str(out)]
     )

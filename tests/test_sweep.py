@@ -42,14 +42,14 @@ TINY_SPACE = SearchSpace(
     name="tiny",
     sampled={
         "learning_rate": hp.loguniform("learning_rate", math.log(0.003), math.log(0.03)),
-        "hidden": hp.uniform("hidden", 3, 7),
-        "heads": hp.quniform("heads", 1, 2, 1),
+        "features": hp.uniform("features", 3, 7),
+        "num_heads": hp.quniform("num_heads", 1, 2, 1),
     },
-    fixed={"window": 2, "layers": 1, "batch_size": 16, "epochs": 2},
+    fixed={"window_size": 2, "num_layers": 1, "batch_size": 16, "epochs": 2},
 )
 #: The same, with a first trial whose learning rate makes the loss NaN at its second step.
 FAILING_SPACE = dataclasses.replace(
-    TINY_SPACE, initial_points=({"learning_rate": 1e30, "hidden": 4.0, "heads": 2.0},)
+    TINY_SPACE, initial_points=({"learning_rate": 1e30, "features": 4.0, "num_heads": 2.0},)
 )
 
 #: (low, high) of every sampled field, from docs/model.md §5
@@ -59,30 +59,30 @@ PAPER_RANGES = {
         "learning_rate": (0.005 * math.exp(-0.5), 0.005 * math.exp(0.5)),
         "decay_every": (3, 10),
         "l2": (0.005 * math.exp(-1.3), 0.005 * math.exp(1.3)),
-        "dropout": (0.05, 0.5),
-        "hidden": (64 * math.exp(-0.6), 64 * math.exp(0.6)),
-        "heads": (6, 36),
-        "window": (10, 50),
+        "dropout_rate": (0.05, 0.5),
+        "features": (64 * math.exp(-0.6), 64 * math.exp(0.6)),
+        "num_heads": (6, 36),
+        "window_size": (10, 50),
     },
     "round2": {
         "learning_rate": (0.006 * math.exp(-0.4), 0.006 * math.exp(0.4)),
         "decay_every": (6, 50),
         "l2": (0.002 * math.exp(-1.3), 0.002 * math.exp(1.3)),
-        "dropout": (0.05, 0.5),
-        "hidden": (68 * math.exp(-0.3), 68 * math.exp(0.3)),
-        "heads": (20, 40),
-        "window": (25, 100),
+        "dropout_rate": (0.05, 0.5),
+        "features": (68 * math.exp(-0.3), 68 * math.exp(0.3)),
+        "num_heads": (20, 40),
+        "window_size": (25, 100),
     },
 }
 PAPER_CHOICES = {
     "round1": {
         "mode": {"residual", "layer"},
-        "positional_encoding": {False, True},
-        "kv_activation": {False, True},
-        "layers": {2, 3},
+        "use_positional_encoding": {False, True},
+        "activation_on_keys_and_values": {False, True},
+        "num_layers": {2, 3},
         "residual_stacking": {False, True},
     },
-    "round2": {"mode": {"residual", "layer"}, "positional_encoding": {False, True}},
+    "round2": {"mode": {"residual", "layer"}, "use_positional_encoding": {False, True}},
 }
 
 
@@ -143,7 +143,7 @@ def test_spaces_sample_the_ranges_of_the_spec(space: SearchSpace) -> None:
         ), name
     for name, expected in choices.items():
         assert {point[name] for point in points} == expected, name
-    for name in ("decay_every", "heads"):
+    for name in ("decay_every", "num_heads"):
         assert all(float(point[name]).is_integer() for point in points), name
 
 
@@ -153,51 +153,81 @@ def test_fixed_values_of_each_round() -> None:
         "model": "larnn",
         "epochs": 100,
         "batch_size": 256,
-        "layers": 3,
+        "num_layers": 3,
         "residual_stacking": True,
-        "kv_activation": True,
+        "activation_on_keys_and_values": True,
     }
     assert ROUND_2.settings({"epochs": 4})["epochs"] == 4
 
 
 @pytest.mark.parametrize("space", [ROUND_1, ROUND_2], ids=lambda space: space.name)
-def test_points_resolve_to_valid_configs_with_hidden_a_multiple_of_heads(
+def test_points_resolve_to_valid_configs_with_features_a_multiple_of_num_heads(
     space: SearchSpace,
 ) -> None:
     for point in sample(space, 500, seed=1):
         config, requested = resolve_point(point)
         assert isinstance(config, TrainConfig)
-        assert requested == point["hidden"]
-        assert config.hidden % config.heads == 0
-        assert abs(config.hidden - requested) <= config.heads / 2 or config.hidden == config.heads
-        assert config.heads == round(point["heads"])
+        assert requested == point["features"]
+        assert config.features % config.num_heads == 0
+        assert (
+            abs(config.features - requested) <= config.num_heads / 2
+            or config.features == config.num_heads
+        )
+        assert config.num_heads == round(point["num_heads"])
         assert config.decay_every == round(point["decay_every"])
-        assert config.window == int(point["window"])
+        assert config.window_size == int(point["window_size"])
         assert config.epochs == space.fixed["epochs"]
 
 
 def test_resolve_point_rules() -> None:
     config, requested = resolve_point(
-        {"hidden": 75.3, "heads": 27.0, "window": 63.9, "decay_every": 26.0, "learning_rate": 0.01}
+        {
+            "features": 75.3,
+            "num_heads": 27.0,
+            "window_size": 63.9,
+            "decay_every": 26.0,
+            "learning_rate": 0.01,
+        }
     )
-    assert (config.hidden, requested, config.heads, config.window, config.decay_every) == (
+    assert (
+        config.features,
+        requested,
+        config.num_heads,
+        config.window_size,
+        config.decay_every,
+    ) == (
         81,
         75.3,
         27,
         63,
         26,
     )
-    assert type(config.heads) is int and type(config.window) is int
+    assert type(config.num_heads) is int and type(config.window_size) is int
     assert round_to_multiple(50.4, 40) == 40  # never below one head's width
     assert round_to_multiple(60.0, 40) == 80  # halves round up
-    assert resolve_point({"hidden": 13, "heads": 3}).config.hidden == 12
-    with pytest.raises(ConfigError, match="dropout"):
-        resolve_point({"dropout": 1.5})
+    assert resolve_point({"features": 13, "num_heads": 3}).config.features == 12
+    with pytest.raises(ConfigError, match="dropout_rate"):
+        resolve_point({"dropout_rate": 1.5})
 
 
 def test_points_of_older_sweeps_read_renamed_fields_under_their_new_names() -> None:
-    """A point of a sweep started when ``remat_chunk_length`` was called ``checkpoint_every``."""
+    """A point of a sweep started when ``remat_chunk_length`` was called ``checkpoint_every``,
+    and the cell's settings had names of their own (``hidden``, ``heads``, ``window``, ...)."""
     assert resolve_point({"checkpoint_every": 16}).config.remat_chunk_length == 16
+    config, requested = resolve_point(
+        {
+            "hidden": 75.3,
+            "heads": 27.0,
+            "window": 63.9,
+            "layers": 2,
+            "dropout": 0.2,
+            "kv_activation": False,
+            "positional_encoding": True,
+        }
+    )
+    assert (requested, config.features, config.num_heads, config.window_size) == (75.3, 81, 27, 63)
+    assert (config.num_layers, config.dropout_rate) == (2, 0.2)
+    assert not config.activation_on_keys_and_values and config.use_positional_encoding
 
 
 def test_space_definitions_are_checked() -> None:
@@ -206,9 +236,9 @@ def test_space_definitions_are_checked() -> None:
     with pytest.raises(ConfigError, match="trial budget"):
         SearchSpace(name="budget", sampled={"epochs": hp.uniform("epochs", 1, 2)})
     with pytest.raises(ConfigError, match="exactly the sampled fields"):
-        dataclasses.replace(TINY_SPACE, initial_points=({"hidden": 4.0},))
-    with pytest.raises(ConfigError, match="samples hidden"):
-        TINY_SPACE.settings({"hidden": 8})
+        dataclasses.replace(TINY_SPACE, initial_points=({"features": 4.0},))
+    with pytest.raises(ConfigError, match="samples features"):
+        TINY_SPACE.settings({"features": 8})
     assert get_space("round2") is ROUND_2
     assert get_space(f"{__name__}:TINY_SPACE") is TINY_SPACE
     refused = {
@@ -376,17 +406,17 @@ def record(
         trial_id=trial_id,
         tune_status=status,
         error="NonFiniteLossError: loss is nan" if status == "ERROR" else "",
-        point={**TINY_SPACE.settings({"epochs": 3}), "heads": 2.0, **point},
+        point={**TINY_SPACE.settings({"epochs": 3}), "num_heads": 2.0, **point},
         history=history,
     )
 
 
 def test_trial_table_best_config_and_figures(tmp_path: pathlib.Path, monkeypatch) -> None:
     records = [
-        record("a", "TERMINATED", [0.5, 0.7, 0.6], hidden=5.2, learning_rate=0.01),
-        record("b", "TERMINATED", [0.4], hidden=3.1, learning_rate=0.02),  # stopped by ASHA
-        record("c", "ERROR", [], hidden=6.9, learning_rate=1e30),
-        record("d", "TERMINATED", [0.7, 0.8, 0.8], hidden=4.0, learning_rate=0.005),
+        record("a", "TERMINATED", [0.5, 0.7, 0.6], features=5.2, learning_rate=0.01),
+        record("b", "TERMINATED", [0.4], features=3.1, learning_rate=0.02),  # stopped by ASHA
+        record("c", "ERROR", [], features=6.9, learning_rate=1e30),
+        record("d", "TERMINATED", [0.7, 0.8, 0.8], features=4.0, learning_rate=0.005),
     ]
     table = analyze_sweep.trial_table(records)
     assert list(table["trial_id"]) == ["d", "a", "b", "c"]
@@ -395,15 +425,15 @@ def test_trial_table_best_config_and_figures(tmp_path: pathlib.Path, monkeypatch
     # The latest of equal validation accuracies, and the test accuracy of that epoch.
     assert table["best_epoch"][0] == 3 and table["test_accuracy"][0] == pytest.approx(0.7)
     assert table["best_epoch"][1] == 2 and table["test_accuracy"][1] == pytest.approx(0.6)
-    assert list(table["hidden"]) == [4, 6, 4, 6] and table["hidden_requested"][0] == 4.0
+    assert list(table["features"]) == [4, 6, 4, 6] and table["features_requested"][0] == 4.0
     assert table["error"][3] == "NonFiniteLossError: loss is nan"
-    assert table.attrs["varying"] == ["hidden_requested", "hidden", "learning_rate"]
+    assert table.attrs["varying"] == ["features_requested", "features", "learning_rate"]
 
     best = analyze_sweep.best_config(table, records)
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best))
     config = TrainConfig.from_dict(load_config_file(path))
-    assert (config.hidden, config.learning_rate, config.epochs) == (4, 0.005, 3)
+    assert (config.features, config.learning_rate, config.epochs) == (4, 0.005, 3)
 
     monkeypatch.setattr(analyze_sweep, "load_experiment", lambda _: records)
     assert analyze_sweep.main(["experiment", "--out", str(tmp_path / "out")]) == 0
@@ -467,7 +497,7 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
             (write_unloadable_dataset, "huge.npz"),
         )
     )
-    point = {"learning_rate": 0.01, "hidden": 4.0, "heads": 2.0}
+    point = {"learning_rate": 0.01, "features": 4.0, "num_heads": 2.0}
     space = dataclasses.replace(
         TINY_SPACE,
         name="reduced",
@@ -588,8 +618,8 @@ def test_sweep_on_two_nodes_with_a_failing_trial(cluster, tmp_path: pathlib.Path
     # ASHA (grace period 1 of 2 epochs) may stop trials after their first epoch.
     assert set(succeeded["epochs_run"]) <= {1, 2}
     assert (succeeded["epochs_run"] == 2).any()
-    assert (succeeded["hidden"] % succeeded["heads"] == 0).all()
-    assert succeeded["hidden_requested"].between(3, 7).all()
+    assert (succeeded["features"] % succeeded["num_heads"] == 0).all()
+    assert succeeded["features_requested"].between(3, 7).all()
     used = {node for nodes in succeeded["nodes"] for node in nodes.split(",")}
     assert used == node_ids(cluster)
 
@@ -599,7 +629,7 @@ def test_sweep_on_two_nodes_with_a_failing_trial(cluster, tmp_path: pathlib.Path
     assert len(csv.read_text().splitlines()) == 5
     assert "NonFiniteLossError" in (out / "trials.md").read_text()
     best = TrainConfig.from_dict(load_config_file(out / "best_config.json"))
-    assert best.hidden == table["hidden"].iloc[0] and best.epochs == 2
+    assert best.features == table["features"].iloc[0] and best.epochs == 2
     for name in ("val_accuracy_per_epoch.png", "hyperparameters_scatter.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
 
@@ -646,7 +676,7 @@ FAILING_RATE, FINISHING_RATE, HELD_RATE = 1e30, 0.01, 0.02
 KILLED_SPACE = dataclasses.replace(
     TINY_SPACE,
     initial_points=tuple(
-        {"learning_rate": rate, "hidden": 4.0, "heads": 2.0}
+        {"learning_rate": rate, "features": 4.0, "num_heads": 2.0}
         for rate in (FAILING_RATE, FINISHING_RATE, HELD_RATE)
     ),
 )

@@ -19,7 +19,7 @@ from flax import linen as nn
 from experiments import evaluate, report, steps
 from experiments import train as train_module
 from experiments.checkpoints import CheckpointStore, verify_step
-from experiments.config import ConfigError, TrainConfig
+from experiments.config import RENAMED_FIELDS, ConfigError, TrainConfig
 from experiments.data import Dataset, Split
 from experiments.train import NonFiniteLossError
 from larnn_jax import BNLSTMCell, LARNNCell
@@ -53,10 +53,10 @@ def tiny_config(data: pathlib.Path, out: pathlib.Path, **overrides: object) -> T
     """A LARNN small enough to compile and train in seconds."""
     values = {
         "model": "larnn",
-        "hidden": 8,
-        "heads": 2,
-        "window": 3,
-        "layers": 2,
+        "features": 8,
+        "num_heads": 2,
+        "window_size": 3,
+        "num_layers": 2,
         "learning_rate": 0.01,
         "decay_every": 2,
         "epochs": 4,
@@ -183,7 +183,7 @@ def test_training_learns_and_writes_every_output(finished_run: dict, data: pathl
     assert saved["parameter_count"] > 0
     assert (out / "learning_curves.png").stat().st_size > 0
     assert (out / "confusion_matrix.png").stat().st_size > 0
-    assert json.loads((out / "config.json").read_text())["hidden"] == 8
+    assert json.loads((out / "config.json").read_text())["features"] == 8
 
     assert [m for m, _ in finished_run["callbacks"]] == history
     assert [d for _, d in finished_run["callbacks"]] == [
@@ -319,16 +319,21 @@ def test_help_lists_every_flag(capsys) -> None:
 
 def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"hidden": 16, "heads": 4, "residual_stacking": False}))
-    config, resume = train_module.config_from_args(["--config", str(path), "--heads", "8"])
-    assert (config.hidden, config.heads, config.residual_stacking, resume) == (16, 8, False, False)
+    path.write_text(json.dumps({"features": 16, "num_heads": 4, "residual_stacking": False}))
+    config, resume = train_module.config_from_args(["--config", str(path), "--num-heads", "8"])
+    assert (config.features, config.num_heads, config.residual_stacking, resume) == (
+        16,
+        8,
+        False,
+        False,
+    )
     assert config.learning_rate == TrainConfig().learning_rate
 
-    path.write_text(json.dumps({"hidden": 16, "hiden": 8}))
-    with pytest.raises(ConfigError, match=r"unknown config key.*hiden"):
+    path.write_text(json.dumps({"features": 16, "featres": 8}))
+    with pytest.raises(ConfigError, match=r"unknown config key.*featres"):
         train_module.config_from_args(["--config", str(path)])
-    path.write_text(json.dumps({"hidden": "16"}))
-    with pytest.raises(ConfigError, match="hidden must be int"):
+    path.write_text(json.dumps({"features": "16"}))
+    with pytest.raises(ConfigError, match="features must be int"):
         train_module.config_from_args(["--config", str(path)])
     assert train_module.main(["--config", str(path)]) == 2
 
@@ -391,26 +396,30 @@ def test_runs_saved_before_cell_norm_placement_keep_the_papers_placement(
         train_module.train(config, resume=True)
 
 
-def test_runs_saved_with_checkpoint_every_resume_and_evaluate(
+def test_runs_saved_under_older_field_names_resume_and_evaluate(
     data: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run saved when ``remat_chunk_length`` was called ``checkpoint_every`` (in config.json
-    and in its checkpoints' metadata) evaluates and resumes; a ``--config`` file with the old
-    key is refused with the new name."""
+    """A run saved under the fields' older names (``checkpoint_every`` for
+    ``remat_chunk_length``, ``hidden`` for ``features``, ``window`` for ``window_size``, ...; in
+    config.json and in its checkpoints' metadata) evaluates and resumes; a ``--config`` file with
+    an old key is refused with the new name."""
     out = tmp_path / "old_run"
-    config = tiny_config(data, out, model="bnlstm", layers=1, epochs=1, remat_chunk_length=5)
+    config = tiny_config(data, out, model="bnlstm", num_layers=1, epochs=1, remat_chunk_length=5)
+    old_names = {new: old for old, new in RENAMED_FIELDS.items()}
 
     def with_old_names(self: TrainConfig) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["checkpoint_every"] = values.pop("remat_chunk_length")
-        return values
+        return {
+            old_names.get(name, name): value for name, value in dataclasses.asdict(self).items()
+        }
 
     with monkeypatch.context() as old_version:
         old_version.setattr(TrainConfig, "to_dict", with_old_names)
         train_module.train(config)
     saved = json.loads((out / "config.json").read_text())
     assert saved["checkpoint_every"] == 5 and "remat_chunk_length" not in saved
-    assert TrainConfig.from_saved(saved).remat_chunk_length == 5
+    assert (saved["hidden"], saved["window"], saved["layers"]) == (8, 3, 1)
+    assert not set(RENAMED_FIELDS.values()) & set(saved)
+    assert TrainConfig.from_saved(saved) == config
 
     evaluation = evaluate.evaluate_checkpoint(out)
     assert evaluation["epoch"] == 1
@@ -420,19 +429,86 @@ def test_runs_saved_with_checkpoint_every_resume_and_evaluate(
     assert json.loads((out / "config.json").read_text())["remat_chunk_length"] == 5
 
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"hidden": 16, "checkpoint_every": 8}))
+    path.write_text(json.dumps({"features": 16, "checkpoint_every": 8}))
     with pytest.raises(
         ConfigError, match="checkpoint_every was renamed: use remat_chunk_length instead"
     ):
         train_module.config_from_args(["--config", str(path)])
     assert train_module.main(["--config", str(path)]) == 2
+    path.write_text(json.dumps({"hidden": 16, "kv_dropout": 0.2}))
+    with pytest.raises(
+        ConfigError,
+        match="hidden was renamed: use features instead; kv_dropout was renamed: use "
+        "kv_dropout_rate instead",
+    ):
+        train_module.config_from_args(["--config", str(path)])
+
+
+def test_committed_runs_load_under_todays_names() -> None:
+    """Every run configuration under ``results/`` (saved before the cell's settings took the
+    cell's names) reads back as the configuration it trained."""
+    paths = sorted((pathlib.Path(__file__).resolve().parents[1] / "results").glob("**/config.json"))
+    assert paths
+    for path in paths:
+        saved = json.loads(path.read_text())
+        config = TrainConfig.from_saved(saved)
+        for old, new in RENAMED_FIELDS.items():
+            if old in saved:
+                assert getattr(config, new) == saved[old], (path, old)
+        cell = config.build_cell()
+        assert cell.features == saved.get("hidden", saved.get("features")), path
+
+
+def test_short_flags_are_aliases_of_the_fields_flags() -> None:
+    """The command line keeps the short forms of the cell's settings."""
+    config, _ = train_module.config_from_args(
+        [
+            "--hidden",
+            "16",
+            "--heads",
+            "4",
+            "--window",
+            "5",
+            "--layers",
+            "2",
+            "--dropout",
+            "0.2",
+            "--kv-dropout",
+            "0.3",
+            "--attention-dropout",
+            "0.4",
+            "--positional-encoding",
+            "--no-kv-activation",
+        ]
+    )
+    assert (config.features, config.num_heads, config.window_size, config.num_layers) == (
+        16,
+        4,
+        5,
+        2,
+    )
+    assert (config.dropout_rate, config.kv_dropout_rate, config.attention_dropout_rate) == (
+        0.2,
+        0.3,
+        0.4,
+    )
+    assert config.use_positional_encoding and not config.activation_on_keys_and_values
+    long_form, _ = train_module.config_from_args(
+        ["--window-size", "5", "--no-activation-on-keys-and-values"]
+    )
+    assert long_form.window_size == 5 and not long_form.activation_on_keys_and_values
 
 
 def test_the_configuration_builds_the_cell_and_the_model() -> None:
     """``build_cell`` makes the cell of ``model`` with every setting; ``build_model`` puts it in
     the classifier, with the fused scan unless ``remat_chunk_length`` asks for chunks."""
     config = TrainConfig(
-        hidden=12, heads=3, window=5, mode="layer", positional_encoding=True, norm="layer"
+        features=12,
+        num_heads=3,
+        window_size=5,
+        mode="layer",
+        use_positional_encoding=True,
+        norm="layer",
     )
     cell = config.build_cell()
     assert isinstance(cell, LARNNCell)
@@ -440,20 +516,20 @@ def test_the_configuration_builds_the_cell_and_the_model() -> None:
     assert cell.use_positional_encoding and cell.activation_on_keys_and_values
     assert (cell.norm, cell.cell_norm_placement) == ("layer", "output")
     assert (cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate) == (
-        config.dropout,
-        config.kv_dropout,
-        config.attention_dropout,
+        config.dropout_rate,
+        config.kv_dropout_rate,
+        config.attention_dropout_rate,
     )
     bnlstm = dataclasses.replace(config, model="bnlstm", cell_norm_placement="carried").build_cell()
     assert isinstance(bnlstm, BNLSTMCell)
     assert (bnlstm.features, bnlstm.norm, bnlstm.cell_norm_placement) == (12, "layer", "carried")
-    assert bnlstm.dropout_rate == config.dropout
+    assert bnlstm.dropout_rate == config.dropout_rate
     lstm = dataclasses.replace(config, model="lstm").build_cell()
     assert type(lstm) is nn.LSTMCell and lstm.features == 12
 
     model = steps.build_model(config, CLASSES)
     assert model.cell == cell and model.num_classes == CLASSES
-    assert (model.num_layers, model.residual_stacking) == (config.layers, True)
+    assert (model.num_layers, model.residual_stacking) == (config.num_layers, True)
     assert (model.scan, model.remat_chunk_length) == ("fused", None)
     remat = steps.build_model(dataclasses.replace(config, remat_chunk_length=4), CLASSES)
     assert (remat.scan, remat.remat_chunk_length) == ("remat", 4)
@@ -465,7 +541,7 @@ def test_the_configuration_builds_the_cell_and_the_model() -> None:
 
 def test_train_step_donates_the_state() -> None:
     """The jitted step reuses the buffers of the state it is given (which is then deleted)."""
-    config = TrainConfig(model="lstm", hidden=4, layers=1)
+    config = TrainConfig(model="lstm", features=4, num_layers=1)
     model = steps.build_model(config, CLASSES)
     tx = steps.make_optimizer(config, steps_per_epoch=1)
     x = jnp.ones((2, 3, 5))
@@ -479,10 +555,10 @@ def test_train_step_donates_the_state() -> None:
 
 
 def test_invalid_values_are_refused() -> None:
-    with pytest.raises(ConfigError, match="multiple of heads"):
-        TrainConfig(hidden=10, heads=3)
-    with pytest.raises(ConfigError, match="dropout"):
-        TrainConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="multiple of num_heads"):
+        TrainConfig(features=10, num_heads=3)
+    with pytest.raises(ConfigError, match="dropout_rate"):
+        TrainConfig(dropout_rate=1.5)
     with pytest.raises(ConfigError, match="mode must be one of"):
         TrainConfig(mode="sideways")
 

@@ -12,24 +12,33 @@ from typing import Any
 from benchmarks.harness.output import default_out
 from benchmarks.harness.workloads import PAPER, Workload
 
+#: :class:`Workload`'s sizes as flags: field, short form, type, help. The fields are the
+#: training's (:class:`~experiments.config.TrainConfig`), which are the cell's; the short forms
+#: are those of the training's command line.
+WORKLOAD_FLAGS: tuple[tuple[str, str | None, type, str], ...] = (
+    ("batch", None, int, "sequences per batch"),
+    ("steps", None, int, "time steps T per sequence"),
+    ("inputs", None, int, "input features per step"),
+    ("classes", None, int, "classes of the classifier"),
+    ("features", "--hidden", int, "hidden size H"),
+    ("num_heads", "--heads", int, "attention heads"),
+    ("window_size", "--window", int, "LARNN window size k"),
+    ("num_layers", "--layers", int, "stacked recurrent layers (residual stacking)"),
+    ("dropout_rate", "--dropout", float, "dropout on each layer's output h"),
+)
+
 
 def add_workload_arguments(
     parser: argparse.ArgumentParser, skip: Sequence[str] = (), **defaults: Any
 ) -> None:
-    """Flags for :class:`Workload`'s sizes but ``skip`` (defaults: the paper's or ``defaults``)."""
+    """Flags for :class:`Workload`'s sizes but ``skip`` (defaults: the paper's or ``defaults``):
+    ``--features`` for field ``features``, and so on, with the short forms of
+    :data:`WORKLOAD_FLAGS`."""
     values = {**PAPER, **defaults}
-    for name, help_text in (
-        ("batch", "sequences per batch"),
-        ("steps", "time steps T per sequence"),
-        ("inputs", "input features per step"),
-        ("hidden", "hidden size H"),
-        ("heads", "attention heads"),
-        ("window", "LARNN window size k"),
-        ("layers", "stacked recurrent layers (residual stacking)"),
-    ):
+    for name, short, kind, help_text in WORKLOAD_FLAGS:
         if name not in skip:
-            parser.add_argument(f"--{name}", type=int, default=values[name], help=help_text)
-    parser.add_argument("--dropout", type=float, default=values["dropout"], help="dropout on h")
+            flags = [f"--{name.replace('_', '-')}", *([short] if short else [])]
+            parser.add_argument(*flags, type=kind, default=values[name], help=help_text)
 
 
 def add_run_arguments(

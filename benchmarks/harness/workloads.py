@@ -33,11 +33,11 @@ PAPER = {
     "steps": 128,
     "inputs": 9,
     "classes": 6,
-    "hidden": _PAPER_CONFIG.hidden,
-    "heads": _PAPER_CONFIG.heads,
-    "window": _PAPER_CONFIG.window,
-    "layers": _PAPER_CONFIG.layers,
-    "dropout": _PAPER_CONFIG.dropout,
+    "features": _PAPER_CONFIG.features,
+    "num_heads": _PAPER_CONFIG.num_heads,
+    "window_size": _PAPER_CONFIG.window_size,
+    "num_layers": _PAPER_CONFIG.num_layers,
+    "dropout_rate": _PAPER_CONFIG.dropout_rate,
 }
 
 
@@ -76,11 +76,11 @@ class Workload:
     steps: int = PAPER["steps"]
     inputs: int = PAPER["inputs"]
     classes: int = PAPER["classes"]
-    hidden: int = PAPER["hidden"]
-    heads: int = PAPER["heads"]
-    window: int = PAPER["window"]
-    layers: int = PAPER["layers"]
-    dropout: float = PAPER["dropout"]
+    features: int = PAPER["features"]
+    num_heads: int = PAPER["num_heads"]
+    window_size: int = PAPER["window_size"]
+    num_layers: int = PAPER["num_layers"]
+    dropout_rate: float = PAPER["dropout_rate"]
     norm: str = _PAPER_CONFIG.norm
     remat_chunk_length: int | None = None
 
@@ -98,11 +98,11 @@ class Workload:
         return dataclasses.replace(
             _PAPER_CONFIG,
             model=self.block.partition("_")[0],
-            hidden=self.hidden,
-            heads=self.heads,
-            window=self.window,
-            layers=self.layers,
-            dropout=self.dropout,
+            features=self.features,
+            num_heads=self.num_heads,
+            window_size=self.window_size,
+            num_layers=self.num_layers,
+            dropout_rate=self.dropout_rate,
             norm=self.norm,
             batch_size=self.batch,
             remat_chunk_length=self.chunk if self.block == "larnn_remat" else None,
