@@ -23,6 +23,7 @@ Tune's own status while unfinished (``pending``, ``running``, ``paused``).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -295,11 +296,17 @@ def analyze(path: str, out: pathlib.Path) -> tuple[pd.DataFrame, dict[str, pathl
     return table, written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 done, 1 no usable trial, 2 usage)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
     parser = cli.command_parser("experiments.analyze_sweep", __doc__)
     parser.add_argument("experiment", metavar="DIR", help="the sweep's folder (or URI)")
     parser.add_argument("--out", metavar="OUTDIR", help="output folder (default: DIR/analysis)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 done, 1 no usable trial, 2 usage)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is None and "://" in args.experiment:
         parser.error("--out is required when the experiment is a URI")

@@ -1,11 +1,12 @@
 """What every command of the pipeline shares: its parser, its logging and its exit statuses.
 
 A command (``python -m experiments.train``, ``.evaluate``, ``.predict``, ``.sweep``,
-``.analyze_sweep``, ``.results_table``, ``experiments.data``) is a module with
-``main(argv) -> int``:
+``.analyze_sweep``, ``.results_table``, ``.plot_positional_encoding``, ``experiments.data``) is a
+module with ``build_parser()`` and ``main(argv) -> int``:
 
-* its parser is :func:`command_parser`: ``prog`` is how it is run, the description the first
-  paragraph of the module's docstring;
+* its parser comes from :func:`command_parser`: ``prog`` is how it is run, the description the
+  first paragraph of the module's docstring (the documentation's commands are parsed by it in
+  ``tests/test_docs.py``);
 * it logs through :func:`configure_logging`: warnings from everything, progress notes from
   ``experiments``;
 * it returns :data:`OK`, :data:`FAILED` (the work failed: a training that diverged, data that is

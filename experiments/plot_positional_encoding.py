@@ -5,6 +5,7 @@ python -m experiments.plot_positional_encoding --window-size 128 --out docs/posi
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -41,8 +42,8 @@ def plot(window_size: int, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
     parser = cli.command_parser("experiments.plot_positional_encoding", __doc__)
     parser.add_argument(
         "--window-size",
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         default=pathlib.Path("docs/positional_encoding.png"),
         help="PNG to write",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
     print(plot(args.window_size, args.out))
     return cli.OK
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Trains the runs of the README's results table (LARNN, BN-LSTM and Flax's LSTM; seeds 0, 1 and 2;
+# Trains the final runs of docs/results.md (LARNN, BN-LSTM and Flax's LSTM; seeds 0, 1 and 2;
 # the recipe chosen on validation: 25 epochs, the learning rate halved every 5), copies each run's
-# config.json, metrics.jsonl and report.json into results/uci_har/, and regenerates the README's
-# tables. Resumable: run it again after an interruption.
+# config.json, metrics.jsonl and report.json into results/uci_har/, and regenerates the tables of
+# docs/results.md and the README. Resumable: run it again after an interruption.
 # Usage: bash scripts/final_runs.sh [RUNS_DIR]      (default runs/final; checkpoints stay there)
 #   MODELS="larnn" SEEDS="1 2"   a part of the table (e.g. per machine)
 #   PARALLEL=N                   N runs at a time (default 1; on a GPU one run's step is a chain of
@@ -59,7 +59,7 @@ for model in ${MODELS:-larnn bnlstm lstm}; do
   done
 done
 wait
-"${table[@]}" --write README.md
+"${table[@]}" --write docs/results.md README.md
 failed=0
 for name in "${names[@]}"; do
   [ -e "$runs/$name.failed" ] && failed=$((failed + 1))

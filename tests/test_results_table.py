@@ -1,4 +1,5 @@
-"""The README's results tables come from the committed run files, and say what they hold."""
+"""The results tables of the documentation come from the committed run files, and say what they
+hold."""
 
 from __future__ import annotations
 
@@ -45,8 +46,13 @@ def results(tmp_path: pathlib.Path) -> pathlib.Path:
     return tmp_path
 
 
+def generated_tables(results: pathlib.Path) -> str:
+    """The three tables that ``--write`` puts into a ``results`` section."""
+    return results_table.tables(results_table.load_results(results), results)
+
+
 def test_tables_group_seeds_into_variants(results: pathlib.Path) -> None:
-    text = results_table.tables(results)
+    text = generated_tables(results)
     summary, runs = text.split("\n\nEvery run:\n\n")
     assert summary.splitlines()[-3:] == [
         "| LARNN | 2 | **0.9100 ± 0.0141** | 0.9000 ± 0.0141 | 0.9300 ± 0.0141 |",
@@ -78,7 +84,7 @@ def test_subject_table_from_reports_or_the_selected_epochs_evaluation(
     write_evaluation(results / "larnn-seed0", 2, 0.90, **{"9": 0.95, "10": 0.6})
     write_evaluation(results / "larnn-seed0", 1, 0.90, **{"9": 0.0, "10": 0.0})  # not selected
     write_evaluation(results / "lstm-seed3", 1, 0.85, **{"9": 0.0, "10": 0.0})  # not selected
-    text = results_table.tables(results)
+    text = generated_tables(results)
     assert "Honest test accuracy on each test subject" in text
     subjects = text.split("mean over the seeds):\n\n")[1].split("\n\n")[0].splitlines()
     assert subjects == [
@@ -89,35 +95,52 @@ def test_subject_table_from_reports_or_the_selected_epochs_evaluation(
     # An evaluation that disagrees with its run's report is named, not averaged in.
     write_evaluation(results / "carried-seed0", 2, 0.81, **{"9": 1.0, "10": 1.0})
     with pytest.raises(SystemExit, match=r"carried-seed0/evaluation-epoch2\.json gives test acc"):
-        results_table.tables(results)
+        generated_tables(results)
 
 
 def test_write_then_check_round_trips(results: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(
-        f"intro\n{results_table.START_MARKER}\nold\n{results_table.END_MARKER}\nend\n"
-    )
-    assert results_table.main(["--results", str(results), "--check", str(readme)]) == 1
-    assert results_table.main(["--results", str(results), "--write", str(readme)]) == 0
-    assert results_table.main(["--results", str(results), "--check", str(readme)]) == 0
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith(f"{results_table.END_MARKER}\nend\n")
-    assert "| LARNN | 2 |" in text and "old" not in text
+    """``--write`` fills every section of every file given, the summary alone where a file asks
+    for it; ``--check`` then passes, and fails again once a file's section is stale."""
+    start, end = results_table.markers("results")
+    summary_start, summary_end = results_table.markers("results-summary")
+    page = tmp_path / "results.md"
+    page.write_text(f"intro\n{start}\nold\n{end}\nend\n")
+    front = tmp_path / "README.md"
+    front.write_text(f"top\n{summary_start}\nold\n{summary_end}\nbottom\n")
+    files = [str(page), str(front)]
+    assert results_table.main(["--results", str(results), "--check", *files]) == 1
+    assert results_table.main(["--results", str(results), "--write", *files]) == 0
+    assert results_table.main(["--results", str(results), "--check", *files]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{end}\nend\n")
+    assert "| LARNN | 2 |" in text and "Every run:" in text and "old" not in text
+    headline = front.read_text()
+    assert headline.startswith("top\n") and headline.endswith(f"{summary_end}\nbottom\n")
+    assert "| LARNN | 2 |" in headline and "Every run:" not in headline
+    front.write_text(headline.replace("| LARNN | 2 |", "| LARNN | 3 |"))
+    assert results_table.main(["--results", str(results), "--check", *files]) == 1
 
 
 def test_missing_markers_and_empty_results_are_named(results: pathlib.Path, tmp_path) -> None:
     readme = tmp_path / "plain.md"
     readme.write_text("no tables here\n")
-    with pytest.raises(SystemExit, match=re.escape(f"{readme} has no <!-- results:start -->")):
+    with pytest.raises(SystemExit, match=re.escape(f"{readme} has no results section")):
         results_table.main(["--results", str(results), "--check", str(readme)])
+    start, _ = results_table.markers("results")
+    readme.write_text(f"{start}\nno end\n")
+    with pytest.raises(SystemExit, match="do not match"):
+        results_table.main(["--results", str(results), "--write", str(readme)])
+    assert readme.read_text() == f"{start}\nno end\n"
     with pytest.raises(SystemExit, match=r"no run folder with a report\.json under"):
-        results_table.tables(tmp_path / "nothing")
+        results_table.load_results(tmp_path / "nothing")
 
 
 @pytest.mark.skipif(
     not (ROOT / "results/uci_har").is_dir(), reason="no run of results/uci_har committed yet"
 )
-def test_the_readme_tables_are_generated_from_the_committed_runs(monkeypatch) -> None:
-    """The README's tables are exactly what the script makes of ``results/uci_har``."""
+def test_the_documented_tables_are_generated_from_the_committed_runs(monkeypatch) -> None:
+    """The tables of docs/results.md and the README's summary are exactly what the script makes
+    of ``results/uci_har``."""
     monkeypatch.chdir(ROOT)
-    assert results_table.main(["--results", "results/uci_har", "--check", "README.md"]) == 0
+    documents = ["docs/results.md", "README.md"]
+    assert results_table.main(["--results", "results/uci_har", "--check", *documents]) == 0

@@ -8,6 +8,7 @@ Exit status: 0 success, 1 the data is missing or malformed, 2 a usage error.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -46,8 +47,8 @@ def summary(dataset: Dataset) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: load a dataset and print its summary; returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
     parser = cli.command_parser("experiments.data", __doc__)
     parser.add_argument("--spec", default="uci_har", help="'uci_har' (default) or 'npz:PATH'")
     parser.add_argument(
@@ -58,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--validation-subjects", type=int, default=4)
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: load a dataset and print its summary; returns the exit status."""
+    args = build_parser().parse_args(argv)
     try:
         dataset = load_dataset(
             args.spec,
