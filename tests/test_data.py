@@ -788,6 +788,10 @@ def test_command_line_summary(uci, capsys: pytest.CaptureFixture[str], tmp_path:
     assert "2 subjects: 2 4" in out
     assert data_cli.main(["--spec", f"npz:{tmp_path / 'absent.npz'}"]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert data_cli.main(["--spec", "har"]) == 2  # a usage error, not a problem of the data
+    assert capsys.readouterr().err == (
+        "error: unknown dataset spec 'har'; expected 'uci_har' or 'npz:PATH'\n"
+    )
 
 
 # --------------------------------------------------------------------------------------------

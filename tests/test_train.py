@@ -218,6 +218,21 @@ def test_evaluate_reproduces_the_report(finished_run: dict, capsys) -> None:
     assert last["test"]["accuracy"] == read_lines(out / "metrics.jsonl")[3]["test_accuracy"]
 
 
+def test_evaluate_names_an_unusable_checkpoint_with_exit_status_2(
+    finished_run: dict, tmp_path: pathlib.Path, capsys
+) -> None:
+    """A folder without a run, or an epoch without a checkpoint, is a usage error (2), said in
+    one line; nothing is written."""
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path}/nowhere is not a run folder, checkpoint folder or checkpoint step\n"
+    )
+    out = finished_run["out"]
+    assert evaluate.main(["--checkpoint", str(out), "--step", "1", "--output", str(tmp_path)]) == 2
+    assert "no checkpoint step 1 in" in capsys.readouterr().err
+    assert not list(tmp_path.glob("evaluation-*"))
+
+
 def test_epoch_selection_and_report_without_validation_split() -> None:
     def line(epoch: int, val: float | None, test: float) -> dict:
         return {
