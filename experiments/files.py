@@ -39,7 +39,10 @@ def atomic_write(
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+        file: IO[Any]
+        with (
+            open(temporary, "wb") if mode == "wb" else open(temporary, "w", encoding="utf-8")
+        ) as file:
             yield file
             if durable:
                 file.flush()
