@@ -31,7 +31,7 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
     """The classifier that ``config`` describes, for ``num_classes`` classes.
 
     Its cell is :meth:`TrainConfig.build_cell`; the layers scan with the library's default
-    (``scan='fused'``), or in rematerialised chunks (``scan='remat'``) when
+    (``scan='auto'``), or in rematerialised chunks (``scan='remat'``) when
     ``remat_chunk_length`` is set.
     """
     return SequenceClassifier(
@@ -39,7 +39,7 @@ def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
         config.build_cell(),
         num_layers=config.num_layers,
         residual_stacking=config.residual_stacking,
-        scan="fused" if config.remat_chunk_length is None else "remat",
+        scan="auto" if config.remat_chunk_length is None else "remat",
         remat_chunk_length=config.remat_chunk_length,
     )
 

@@ -4,7 +4,7 @@ Both are Flax ``nn.RNNCellBase`` cells: ``cell(carry, x) -> (carry, h)`` for one
 ``initialize_carry(rng, input_shape)``. Shapes: batch ``B`` (any number of leading axes), input
 features ``D``, hidden features ``H``, window ``k``.
 
-This module is the readable definition that every faster path (``larnn_jax.ops``) is tested
+This module is the readable definition that every faster path (``larnn_jax.scans``) is tested
 against: :meth:`LARNNCell.step` is the step's equations, in their order.
 
 Batch normalisation inside a recurrence: the statistics live in the ``batch_stats`` collection and
@@ -376,6 +376,12 @@ class LARNNCell(nn.RNNCellBase):
         check_norm_kind(self.norm)
         check_cell_norm_placement(self.cell_norm_placement)
         super().__post_init__()
+
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether a step draws dropout masks: in training, with a non-zero rate."""
+        rates = (self.dropout_rate, self.kv_dropout_rate, self.attention_dropout_rate)
+        return not self.deterministic and max(rates) > 0
 
     @property
     def scheme(self) -> WindowScheme:

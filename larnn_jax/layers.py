@@ -5,28 +5,19 @@ Shapes: batch ``B``, time ``T``, input features ``D``, hidden features ``H``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.recurrent import flip_sequences
 from flax.typing import PRNGKey
 
-from larnn_jax.cell import LARNNCell
-from larnn_jax.ops.fused_rnn import FusedRNN
-from larnn_jax.ops.remat_rnn import remat_rnn
-
-Carry = Any
-Scan = Literal["fused", "plain", "remat"]
-SCANS: tuple[str, ...] = ("fused", "plain", "remat")
-
-
-def _with_mode(cell: nn.RNNCellBase, deterministic: bool | None) -> nn.RNNCellBase:
-    """A fresh, unbound copy of ``cell``, switched to ``deterministic`` where it has that switch."""
-    overrides: dict[str, Any] = {"parent": None, "name": None}
-    if deterministic is not None and hasattr(cell, "deterministic"):
-        overrides["deterministic"] = deterministic
-    return cell.clone(**overrides)
+from larnn_jax.scans import Scan, ScanKind, check_scan, choose_scan
+from larnn_jax.scans.fused import FusedScan
+from larnn_jax.scans.plain import PlainScan, scan_options
+from larnn_jax.scans.remat import RematScan
+from larnn_jax.typing import Carry
 
 
 class LARNNLayer(nn.Module):
@@ -34,7 +25,7 @@ class LARNNLayer(nn.Module):
 
     A bare ``nn.RNN(LARNNCell(...))`` does not carry the ``batch_stats`` collection through its
     scan, so cells with ``norm='batch'`` cannot update (nor even read) their statistics in it.
-    This layer picks the scan's arguments from the cell's mode:
+    This layer sets the scan up from the cell's mode:
 
     * training (``deterministic=False``): the statistics are carried through the scan and
       updated at every step, a fresh dropout rng at every step; apply the model with
@@ -42,31 +33,20 @@ class LARNNLayer(nn.Module):
     * evaluation (``deterministic=True``): the statistics are read-only.
 
     It accepts the same call arguments as ``nn.RNN``, so it also fits ``nn.Bidirectional``.
-
-    How the sequence is scanned (``scan``; every strategy has the same variables and gives the
-    same results to float rounding, except that dropout masks are other draws):
-
-    * ``'fused'`` (default): for a :class:`~larnn_jax.LARNNCell`,
-      :class:`~larnn_jax.ops.fused_rnn.FusedRNN`: the input projections of all steps in one
-      product, the window in buffers written once per step, and a gradient that keeps ``O(T·H)``
-      per sample instead of every step's ``(B, k-1, H)`` window. Other cells run as ``'plain'``.
-    * ``'plain'``: ``nn.RNN`` over the cell. Differentiating it stores every step's carry: for
-      a LARNN cell, ``T·k`` window entries per sample.
-    * ``'remat'``: training scans in chunks of ``remat_chunk_length`` steps, keeping only each
-      chunk's first carry and recomputing the chunk in the backward pass
-      (:func:`~larnn_jax.ops.remat_rnn.remat_rnn`): ``T/N + N`` carries for about one more
-      forward pass of time. Evaluation runs as ``'plain'``.
+    ``scan`` chooses how the sequence is scanned (:mod:`larnn_jax.scans`: ``'auto'``,
+    ``'native'``, ``'fused'``, ``'plain'``, ``'remat'``); every scan has the same variables and
+    gives the same results to float rounding, except that dropout masks are other draws.
 
     Attributes:
       cell: the cell to scan: :class:`~larnn_jax.LARNNCell`, :class:`~larnn_jax.BNLSTMCell` or
         any Flax ``RNNCellBase`` (cells without a ``deterministic`` attribute are used as is).
-      scan: ``'fused'``, ``'plain'`` or ``'remat'`` (see above).
+      scan: how to scan (:func:`larnn_jax.scans.choose_scan` decides what ``'auto'`` runs).
       remat_chunk_length: ``N`` for ``scan='remat'``; ``T`` must be a multiple of it.
       reverse, keep_order, return_carry: defaults for the call arguments of the same names.
     """
 
     cell: nn.RNNCellBase
-    scan: Scan = "fused"
+    scan: Scan = "auto"
     remat_chunk_length: int | None = None
     reverse: bool = False
     keep_order: bool = False
@@ -76,7 +56,6 @@ class LARNNLayer(nn.Module):
         check_scan(self.scan, self.remat_chunk_length)
         super().__post_init__()
 
-    @nn.compact
     def __call__(
         self,
         inputs: jax.Array,
@@ -100,19 +79,19 @@ class LARNNLayer(nn.Module):
           initial_carry: the carry to start from (default: the cell's ``initialize_carry``).
           init_key: rng for ``initialize_carry``.
           seq_lengths: ``(B,)`` int, length of each sequence; later steps are padding.
-          return_carry: also return the final carry.
+          return_carry: also return the final carry (after each sequence's last valid step).
           time_major, reverse, keep_order: as for ``nn.RNN``.
 
         Returns:
           Outputs ``(B, T, H)`` (or ``(T, B, H)``), preceded by the final carry when
           ``return_carry``.
         """
-        cell = _with_mode(self.cell, deterministic)
         if inputs.ndim != 3:
             raise ValueError(
                 f"{type(self).__name__} expects inputs of rank 3, (batch, time, features) or "
                 f"(time, batch, features) with time_major=True; got shape {inputs.shape}"
             )
+        cell = self._cell_in_mode(deterministic)
         training = (
             not cell.deterministic if hasattr(cell, "deterministic") else deterministic is False
         )
@@ -123,51 +102,51 @@ class LARNNLayer(nn.Module):
                     "apply the model with mutable=['batch_stats'] (or pass deterministic=True "
                     "for evaluation)"
                 )
-        call = dict(
-            initial_carry=initial_carry,
-            init_key=init_key,
-            seq_lengths=seq_lengths,
-            return_carry=self.return_carry if return_carry is None else return_carry,
-            time_major=bool(time_major),
-            reverse=self.reverse if reverse is None else reverse,
-            keep_order=self.keep_order if keep_order is None else keep_order,
-        )
-        if self.is_initializing():  # the plain scan creates every variable
-            strategy = "plain"
-        elif self.scan == "fused" and isinstance(cell, LARNNCell):
-            return FusedRNN(cell, name="rnn")(inputs, **call)
-        elif self.scan == "remat" and training:
-            strategy = "remat"
-        else:
-            strategy = "plain"
-        if training:
-            scan_options: dict[str, Any] = dict(
-                variable_broadcast="params",
-                variable_carry="batch_stats",
-                split_rngs={"params": False, "dropout": True},
-            )
-        else:
-            scan_options = dict(
-                variable_broadcast=("params", "batch_stats"), split_rngs={"params": False}
-            )
-        if strategy == "remat":
-            return remat_rnn(
-                cell, self.remat_chunk_length, scan_options, inputs, name="rnn", **call
-            )
-        return nn.RNN(cell, name="rnn", **scan_options)(inputs, **call)
+        kind = choose_scan(self.scan, cell, training=training)
+        time_major = bool(time_major)
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)  # (T, B, D)
+        if reverse:
+            x = flip_sequences(x, seq_lengths, num_batch_dims=1, time_major=True)
+        scan = self._scan(kind, cell, training)
+        carry, outputs = scan(x, initial_carry, init_key, seq_lengths)
+        if reverse and keep_order:
+            outputs = flip_sequences(outputs, seq_lengths, num_batch_dims=1, time_major=True)
+        if not time_major:
+            outputs = jnp.swapaxes(outputs, 0, 1)
+        if self.return_carry if return_carry is None else return_carry:
+            return carry, outputs
+        return outputs
 
+    def step(self, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
+        """One time step of the cell in evaluation mode: ``x`` ``(*batch, D)`` → (the carry after
+        it, the output ``(*batch, H)``), with the variables of the whole-sequence call."""
+        scan = self._scan("plain", self._cell_in_mode(True), training=False)
+        assert isinstance(scan, PlainScan)
+        return scan.step(carry, x)
 
-def check_scan(scan: str, remat_chunk_length: int | None) -> None:
-    """Raises ``ValueError`` naming the problem unless ``scan`` is one of :data:`SCANS` and
-    ``remat_chunk_length`` is a positive integer exactly when ``scan == 'remat'``."""
-    if scan not in SCANS:
-        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
-    if scan == "remat" and (remat_chunk_length is None or remat_chunk_length < 1):
-        raise ValueError(f"scan='remat' needs remat_chunk_length >= 1, got {remat_chunk_length}")
-    if scan != "remat" and remat_chunk_length is not None:
-        raise ValueError(
-            f"remat_chunk_length={remat_chunk_length} is only used with scan='remat', not {scan!r}"
-        )
+    def _cell_in_mode(self, deterministic: bool | None) -> nn.RNNCellBase:
+        """A fresh, unbound copy of the cell, switched to ``deterministic`` where it has that
+        switch (the scan adopts it as its ``cell``)."""
+        overrides: dict[str, Any] = {"parent": None, "name": None}
+        if deterministic is not None and hasattr(self.cell, "deterministic"):
+            overrides["deterministic"] = deterministic
+        return self.cell.clone(**overrides)
+
+    @nn.compact
+    def _scan(self, kind: ScanKind, cell: nn.RNNCellBase, training: bool) -> PlainScan | FusedScan:
+        """The scan ``kind`` over ``cell``: the submodule ``rnn``, with the cell under it as
+        ``cell`` (as in ``nn.RNN``), so that every scan reads the same variables. Called as
+        ``scan(inputs (T, B, D), initial_carry, init_key, seq_lengths)`` → the final carry and
+        the outputs ``(T, B, H)``."""
+        if kind == "fused":
+            return FusedScan(cell, name="rnn")
+        options = scan_options(training)
+        if kind == "remat":
+            assert self.remat_chunk_length is not None  # check_scan
+            return RematScan(cell, chunk_length=self.remat_chunk_length, name="rnn", **options)
+        return PlainScan(cell, name="rnn", **options)
 
 
 class LARNN(nn.Module):
@@ -194,7 +173,7 @@ class LARNN(nn.Module):
     cell: nn.RNNCellBase
     num_layers: int = 1
     residual_stacking: bool = True
-    scan: Scan = "fused"
+    scan: Scan = "auto"
     remat_chunk_length: int | None = None
 
     def __post_init__(self) -> None:
@@ -203,7 +182,17 @@ class LARNN(nn.Module):
         check_scan(self.scan, self.remat_chunk_length)
         super().__post_init__()
 
-    @nn.compact
+    def setup(self) -> None:
+        self.layers = [
+            LARNNLayer(
+                self.cell,
+                scan=self.scan,
+                remat_chunk_length=self.remat_chunk_length,
+                name=f"layer_{index}",
+            )
+            for index in range(self.num_layers)
+        ]
+
     def __call__(
         self,
         inputs: jax.Array,
@@ -226,19 +215,10 @@ class LARNN(nn.Module):
           The last layer's output sequence ``(B, T, H)``, preceded by the tuple of final carries
           when ``return_carries``.
         """
-        if initial_carries is not None and len(initial_carries) != self.num_layers:
-            raise ValueError(
-                f"initial_carries has {len(initial_carries)} entries for {self.num_layers} layers"
-            )
+        self._check_carries(initial_carries)
         sequence = inputs
         carries = []
-        for index in range(self.num_layers):
-            layer = LARNNLayer(
-                self.cell,
-                scan=self.scan,
-                remat_chunk_length=self.remat_chunk_length,
-                name=f"layer_{index}",
-            )
+        for index, layer in enumerate(self.layers):
             carry, outputs = layer(
                 sequence,
                 deterministic=deterministic,
@@ -247,12 +227,46 @@ class LARNN(nn.Module):
                 return_carry=True,
             )
             carries.append(carry)
-            if self.residual_stacking and outputs.shape[-1] == sequence.shape[-1]:
-                outputs = sequence + outputs.astype(sequence.dtype)
-            sequence = outputs
+            sequence = self._stacked(sequence, outputs)
         if return_carries:
             return tuple(carries), sequence
         return sequence
+
+    def initialize_carries(self, batch_shape: tuple[int, ...]) -> tuple[Carry, ...]:
+        """Every layer's initial carry, for a batch of shape ``batch_shape`` (all layers read
+        ``H`` features, the cell's ``features``), as :meth:`step` takes them. Needs no
+        variables."""
+        cell = self.cell.clone(parent=None, name=None)
+        input_shape = (*batch_shape, self.cell.features)
+        return tuple(
+            cell.initialize_carry(jax.random.key(0), input_shape) for _ in range(self.num_layers)
+        )
+
+    def step(self, carries: tuple[Carry, ...], x: jax.Array) -> tuple[tuple[Carry, ...], jax.Array]:
+        """One time step of the stack in evaluation mode: ``x`` ``(*batch, D)`` → (every layer's
+        carry after it, the last layer's output ``(*batch, H)``).
+
+        Stepping a sequence from :meth:`initialize_carries` gives, at every step, the outputs of
+        ``__call__(x, deterministic=True)`` to float rounding.
+        """
+        self._check_carries(carries)
+        new_carries = []
+        for layer, carry in zip(self.layers, carries, strict=True):
+            carry, output = layer.step(carry, x)
+            new_carries.append(carry)
+            x = self._stacked(x, output)
+        return tuple(new_carries), x
+
+    def _stacked(self, inputs: jax.Array, outputs: jax.Array) -> jax.Array:
+        """A layer's result in the stack: ``inputs + outputs`` with ``residual_stacking`` where the
+        widths agree, else ``outputs``."""
+        if self.residual_stacking and outputs.shape[-1] == inputs.shape[-1]:
+            return inputs + outputs.astype(inputs.dtype)
+        return outputs
+
+    def _check_carries(self, carries: tuple[Carry, ...] | None) -> None:
+        if carries is not None and len(carries) != self.num_layers:
+            raise ValueError(f"{len(carries)} carries given for {self.num_layers} layers")
 
 
 def last_valid_step(sequence: jax.Array, seq_lengths: jax.Array | None) -> jax.Array:

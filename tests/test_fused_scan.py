@@ -1,6 +1,6 @@
 """The fused window scan (``LARNNLayer``'s default) against automatic differentiation.
 
-Its gradient is written by hand (``larnn_jax/ops/window_scan.py``): the backward pass re-slices
+Its gradient is written by hand (``larnn_jax/scans/window_scan.py``): the backward pass re-slices
 every step's window from a buffer of the entries. Here, in float64, it must equal what automatic
 differentiation gives through the plain scan (``nn.RNN``) for every option of the cell and of
 the call: the outputs and the final carry (``h``, ``c``, the window's entries and moment sums)
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from larnn_jax import LARNNCell, LARNNLayer
-from larnn_jax.ops import window_scan
+from larnn_jax.scans import window_scan
 
 B, T, D, H = 3, 9, 4, 6
 RTOL = 1e-6

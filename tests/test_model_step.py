@@ -94,4 +94,4 @@ def test_step_checks_the_number_of_carries():
     carries = model.initialize_carries((1,))[:1]
     with pytest.raises(ValueError) as raised:
         model.apply(variables, carries, jnp.ones((1, D)), method="step")
-    assert str(raised.value).splitlines()[0] == "carries has 1 entries for 2 layers"
+    assert str(raised.value).splitlines()[0] == "1 carries given for 2 layers"

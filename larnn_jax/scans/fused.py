@@ -1,12 +1,12 @@
-"""``nn.RNN`` for a :class:`~larnn_jax.LARNNCell`, run by :func:`~larnn_jax.ops.window_scan`.
+"""The fused scan: a :class:`~larnn_jax.LARNNCell` run over a sequence by :func:`window_scan`.
 
-Same call arguments, same variables (``cell/...`` under this module, as under ``nn.RNN``) and
-the same results to float rounding as ``nn.RNN`` over the cell, but:
+Same variables (``cell/...`` under this module, as under ``nn.RNN``) and the same results to
+float rounding as the plain scan over the cell, but:
 
 * the input terms of every step (``W_q^x x_t + b_q`` and ``W_x x_t + b``) are one matrix
   product over the whole sequence before the scan;
 * the window lives in buffers written once per step, and the gradient keeps ``O(T·H)`` per
-  sample instead of every step's window (see :mod:`larnn_jax.ops.window_scan`);
+  sample instead of every step's window (see :mod:`larnn_jax.scans.window_scan`);
 * dropout keys are ``split(make_rng('dropout'), T)``, one per step: the masks are other draws
   of the same distribution than ``nn.RNN``'s.
 
@@ -17,22 +17,18 @@ needed: in training the outputs do not depend on them).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen.recurrent import flip_sequences
 from flax.typing import PRNGKey
 
 from larnn_jax.cell import LARNNCarry, LARNNCell
-from larnn_jax.ops.window_scan import StepFunction, window_scan
+from larnn_jax.scans.window_scan import StepFunction, window_scan
+from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState
 
-PyTree = Any
 
-
-class FusedRNN(nn.Module):
+class FusedScan(nn.Module):
     """Runs a :class:`~larnn_jax.LARNNCell` over a sequence with :func:`window_scan`.
 
     Attributes:
@@ -45,34 +41,24 @@ class FusedRNN(nn.Module):
     def __call__(
         self,
         inputs: jax.Array,
-        *,
-        initial_carry: LARNNCarry | None = None,
-        init_key: PRNGKey | None = None,
-        seq_lengths: jax.Array | None = None,
-        return_carry: bool = False,
-        time_major: bool = False,
-        reverse: bool = False,
-        keep_order: bool = False,
-    ) -> jax.Array | tuple[LARNNCarry, jax.Array]:
-        """As ``nn.RNN.__call__``: ``inputs`` ``(B, T, D)`` (or ``(T, B, D)``) → outputs
-        ``(B, T, H)`` (or ``(T, B, H)``), preceded by the final carry when ``return_carry``."""
+        initial_carry: LARNNCarry | None,
+        init_key: PRNGKey | None,
+        seq_lengths: jax.Array | None,
+    ) -> tuple[LARNNCarry, jax.Array]:
+        """``inputs`` ``(T, B, D)`` → the carry after each sequence's last step (``seq_lengths``)
+        and the outputs ``(T, B, H)``."""
         cell = self.cell
-        x = inputs if time_major else jnp.swapaxes(inputs, 0, 1)  # (T, B, D)
-        if reverse:
-            x = flip_sequences(x, seq_lengths, num_batch_dims=1, time_major=True)
-        steps = x.shape[0]
+        steps = inputs.shape[0]
         if initial_carry is None:
-            initial_carry = cell.initialize_carry(
-                init_key if init_key is not None else jax.random.key(0), x.shape[1:]
-            )
-        terms = cell.input_terms(x)  # (T, B, ·): one product for the whole sequence
+            key = init_key if init_key is not None else jax.random.key(0)
+            initial_carry = cell.initialize_carry(key, inputs.shape[1:])
+        if self.is_initializing():  # the cell's own step creates every variable the scan reads
+            cell(initial_carry, inputs[0])
+        terms = cell.input_terms(inputs)  # (T, B, ·): one product for the whole sequence
         variables = cell.variables
         stats = variables.get("batch_stats", {})
         training = not cell.deterministic
-        uses_dropout = training and (
-            max(cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate) > 0
-        )
-        if uses_dropout:  # two keys per step: the entering entry's, and the rest's
+        if cell.draws_dropout:  # two keys per step: the entering entry's, and the rest's
             base = self.make_rng("dropout")
             keys = jax.random.key_data(jax.random.split(base, (steps + 1, 2)))
             impl = jax.random.key_impl(base)
@@ -87,9 +73,9 @@ class FusedRNN(nn.Module):
             def wrap_key(data: jax.Array) -> tuple[None, None]:
                 return None, None
 
-        enter, advance = _pure_step(cell.clone(parent=None), bool(stats) and training)
+        enter, step_over_window = _pure_step(cell.clone(parent=None), bool(stats) and training)
         result = window_scan(
-            StepFunction(enter, advance, wrap_key),
+            StepFunction(enter, step_over_window, wrap_key),
             variables["params"],
             stats,
             initial_carry.h,
@@ -100,19 +86,11 @@ class FusedRNN(nn.Module):
         )
         if stats and training:
             _put_collection(cell, "batch_stats", result.stats)
-
-        outputs = result.outputs
-        if reverse and keep_order:
-            outputs = flip_sequences(outputs, seq_lengths, num_batch_dims=1, time_major=True)
-        if not time_major:
-            outputs = jnp.swapaxes(outputs, 0, 1)
-        if not return_carry:
-            return outputs
-        return _final_carry(result, initial_carry, seq_lengths), outputs
+        return _final_carry(result, initial_carry, seq_lengths), result.outputs
 
 
 def _pure_step(cell: LARNNCell, updates_statistics: bool):
-    """``StepFunction.enter`` and ``StepFunction.advance`` for an unbound ``cell``."""
+    """``StepFunction.enter`` and ``StepFunction.step_over_window`` for an unbound ``cell``."""
 
     def variables(params, stats):
         return {"params": params, "batch_stats": stats} if stats else {"params": params}
@@ -121,18 +99,17 @@ def _pure_step(cell: LARNNCell, updates_statistics: bool):
         return {"dropout": key} if key is not None else None
 
     def enter(params, c, key):
-        return cell.apply(variables(params, {}), c, method="enter", rngs=rngs(key))
+        return cell.apply(variables(params, {}), c, method=LARNNCell.enter, rngs=rngs(key))
 
-    def advance(params, stats, h, c, window, sums, terms, key):
+    def step_over_window(params, stats, h, c, window, sums, terms, key):
         args = (variables(params, stats), h, c, window, sums, terms)
+        method = LARNNCell.step_over_window
         if not updates_statistics:
-            return cell.apply(*args, method="step_over_window", rngs=rngs(key)), stats
-        outputs, updates = cell.apply(
-            *args, method="step_over_window", rngs=rngs(key), mutable=["batch_stats"]
-        )
+            return cell.apply(*args, method=method, rngs=rngs(key)), stats
+        outputs, updates = cell.apply(*args, method=method, rngs=rngs(key), mutable=["batch_stats"])
         return outputs, updates["batch_stats"]
 
-    return enter, advance
+    return enter, step_over_window
 
 
 def _final_carry(result, initial: LARNNCarry, seq_lengths: jax.Array | None) -> LARNNCarry:
@@ -145,18 +122,18 @@ def _final_carry(result, initial: LARNNCarry, seq_lengths: jax.Array | None) -> 
         else jnp.asarray(seq_lengths, jnp.int32) - 1
     )
     rows = jnp.arange(batch)
-    kept = initial.window.key_entries.shape[-2]
+    stays = initial.window.key_entries.shape[-2]  # k - 1
 
     def newest_entries(buffer: jax.Array) -> jax.Array:
         """Each sample's ``k - 1`` newest entries after its last step, ``(B, k-1, H)``."""
-        return jax.vmap(lambda entries, t: jax.lax.dynamic_slice_in_dim(entries, steps - t, kept))(
+        return jax.vmap(lambda entries, t: jax.lax.dynamic_slice_in_dim(entries, steps - t, stays))(
             buffer, last
         )
 
     window = WindowState(
         newest_entries(result.key_buffer),
         newest_entries(result.value_buffer),
-        jnp.minimum(initial.window.count + last + 1, kept),
+        jnp.minimum(initial.window.count + last + 1, stays),
         result.moment_sums[last, rows],
     )
     return LARNNCarry(

@@ -28,9 +28,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState, WindowView, valid_mask
-
-PyTree = Any
 
 
 class StepFunction(NamedTuple):
@@ -39,16 +38,16 @@ class StepFunction(NamedTuple):
     Attributes:
       enter: ``enter(params, c, key) -> (key_entry, value_entry)``: the entries ``(B, H)`` with
         which ``c = c_{t-1}`` enters the window (:meth:`~larnn_jax.LARNNCell.enter`).
-      advance: ``advance(params, stats, h, c, window, sums, terms, key) -> ((h_t, c_t,
-        next_sums), new_stats)``: the rest of the step (:meth:`~larnn_jax.LARNNCell.
-        step_over_window`) over ``window`` (a :class:`~larnn_jax.window.WindowView`), from
+      step_over_window: ``step_over_window(params, stats, h, c, window, sums, terms, key) ->
+        ((h_t, c_t, next_sums), new_stats)``: the rest of the step
+        (:meth:`~larnn_jax.LARNNCell.step_over_window`) over ``window`` (a :class:`~larnn_jax.window.WindowView`), from
         ``h = h_{t-1}``, ``c = c_{t-1}``, the window state's moment sums and the step's input
         terms (a pytree of ``(B, …)`` arrays); also returns the updated running statistics.
-      wrap_key: one step's raw key data → the keys for ``enter`` and ``advance``.
+      wrap_key: one step's raw key data → the keys for ``enter`` and ``step_over_window``.
     """
 
     enter: Callable[..., tuple[jax.Array, jax.Array]]
-    advance: Callable[..., tuple[tuple[jax.Array, jax.Array, jax.Array], PyTree]]
+    step_over_window: Callable[..., tuple[tuple[jax.Array, jax.Array, jax.Array], PyTree]]
     wrap_key: Callable[[jax.Array], tuple[Any, Any]]
 
 
@@ -133,7 +132,7 @@ def _forward(step: StepFunction, params, stats, h, c, window, terms, keys) -> Sc
         h, c, sums, buffers, stats = carry
         t, terms_t, key_t, next_key = inputs
         view = _step_view(*buffers, window.count, t, steps)
-        (output, c, sums), stats = step.advance(
+        (output, c, sums), stats = step.step_over_window(
             params, stats, h, c, view, sums, terms_t, step.wrap_key(key_t)[1]
         )
         # c_t enters the next step's window. Written after this step's reads, which it depends
@@ -179,18 +178,19 @@ def _backward_rule(step, residuals, d_result):
     def body(carry, inputs):
         d_h, d_c, d_sums, d_key_buffer, d_value_buffer, d_params = carry
         t, h, c, sums, terms_t, key_t, d_output, d_cell, d_step_sums = inputs
-        enter_key, advance_key = step.wrap_key(key_t)
+        enter_key, step_key = step.wrap_key(key_t)
         view = _step_view(result.key_buffer, result.value_buffer, window.count, t, steps)
 
-        def advance(flat_params, h, c, sums, key_entries, value_entries, terms_t):
+        def step_over_window(flat_params, h, c, sums, key_entries, value_entries, terms_t):
             window = view._replace(key_entries=key_entries, value_entries=value_entries)
             params = unflatten(flat_params)
-            return step.advance(params, stats, h, c, window, sums, terms_t, advance_key)[0]
+            args = (params, stats, h, c, window, sums, terms_t, step_key)
+            return step.step_over_window(*args)[0]
 
-        _, pull_back_advance = jax.vjp(
-            advance, flat_params, h, c, sums, view.key_entries, view.value_entries, terms_t
+        _, pull_back_step = jax.vjp(
+            step_over_window, flat_params, h, c, sums, view.key_entries, view.value_entries, terms_t
         )
-        d_params_advance, d_h, d_c_advance, d_sums, d_keys, d_values, d_terms_t = pull_back_advance(
+        d_params_step, d_h, d_c_step, d_sums, d_keys, d_values, d_terms_t = pull_back_step(
             (d_output + d_h.astype(d_output.dtype), d_c + d_cell, d_sums + d_step_sums)
         )
         # The window's cotangent goes into the buffer. The entry that entered at step t is read
@@ -206,8 +206,8 @@ def _backward_rule(step, residuals, d_result):
             lambda flat, c: step.enter(unflatten(flat), c, enter_key), flat_params, c
         )
         d_params_enter, d_c_enter = pull_back_enter(tuple(d_entering))
-        d_params = d_params + d_params_advance + d_params_enter
-        carry = (d_h, d_c_advance + d_c_enter, d_sums, d_key_buffer, d_value_buffer, d_params)
+        d_params = d_params + d_params_step + d_params_enter
+        carry = (d_h, d_c_step + d_c_enter, d_sums, d_key_buffer, d_value_buffer, d_params)
         return carry, d_terms_t
 
     initial = (
