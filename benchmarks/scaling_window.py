@@ -3,7 +3,7 @@
 The classifier of docs/model.md §3 (``--num-layers`` LARNN layers, residual stacking) at ``T = 128``, for
 ``k = 1, 2, 4, …, 128``, with :class:`larnn_jax.LARNNCell` (``larnn``: entries projected once,
 normalisation folded into the query and output, docs/model.md §2) and with
-:class:`benchmarks.naive_cell.NaiveLARNNCell` (``larnn_naive``: every step re-projects and
+:class:`larnn_jax.reference.ReferenceLARNNCell` (``larnn_naive``: every step re-projects and
 re-normalises the whole window). Both run the same step (forward, backward, Adam) on the same
 batch, timed in turns at each ``k``; a series stops at the memory or time budget.
 

@@ -11,10 +11,9 @@ scan (no per-step dispatch): what the step computes, without the call overhead.
 
 Cells, as the training builds them (:meth:`experiments.config.TrainConfig.build_cell`, the
 paper's configuration but for the sizes and norm given): ``larnn`` (:class:`larnn_jax.LARNNCell`),
-``larnn_naive`` (:class:`benchmarks.naive_cell.NaiveLARNNCell`), ``bnlstm``
+``larnn_naive`` (:class:`larnn_jax.reference.ReferenceLARNNCell`), ``bnlstm``
 (:class:`larnn_jax.BNLSTMCell`), ``lstm`` (Flax's ``nn.LSTMCell``, no normalisation). The
-in-scan run scans LARNN with the library's default fused scan, the naive cell with the plain
-one. The input has ``--inputs`` features (default
+in-scan run scans each with the library's default (``scan='auto'``). The input has ``--inputs`` features (default
 the hidden size: what a stacked layer sees after the input projection).
 
     python -m benchmarks.streaming
@@ -38,10 +37,9 @@ from benchmarks.harness.arguments import (
 from benchmarks.harness.output import Column, print_and_write
 from benchmarks.harness.timing import interleaved_timings, summarize
 from benchmarks.harness.workloads import PAPER
-from benchmarks.naive_cell import SCAN as NAIVE_SCAN
-from benchmarks.naive_cell import NaiveLARNNCell, naive_twin
 from experiments.config import TrainConfig
 from larnn_jax import LARNNLayer
+from larnn_jax.reference import ReferenceLARNNCell
 
 # (name, norm) of every measured cell; norm None: the cell has no normalisation.
 CELLS = (
@@ -65,7 +63,7 @@ def make_cell(name: str, norm: str | None, args: argparse.Namespace) -> nn.RNNCe
         **settings,
     )
     cell = config.build_cell()
-    return naive_twin(cell) if name == "larnn_naive" else cell
+    return ReferenceLARNNCell.twin(cell) if name == "larnn_naive" else cell
 
 
 class StreamStep:
@@ -86,9 +84,7 @@ class StreamStep:
 
 def scan_per_step(cell: nn.RNNCellBase, inputs: int, steps: int) -> Callable[[], None]:
     """A compiled scan of ``cell`` over ``(1, steps, inputs)`` (evaluation mode), to be timed."""
-    layer = (
-        LARNNLayer(cell, scan=NAIVE_SCAN) if isinstance(cell, NaiveLARNNCell) else LARNNLayer(cell)
-    )
+    layer = LARNNLayer(cell)
     x = jax.random.normal(jax.random.key(1), (1, steps, inputs))
     variables = layer.init(jax.random.key(0), x, deterministic=True)
     run = jax.jit(lambda variables, x: layer.apply(variables, x, deterministic=True))

@@ -7,7 +7,7 @@ default fused scan), LARNN with rematerialised training scans (``larnn_remat``:
 ``scan='remat'``, chunks of ``N`` steps, ``N`` the divisor of ``T`` nearest ``sqrt(T)`` unless
 ``--remat-chunk-length``), LARNN with the plain scan (``larnn_plain``: ``nn.RNN`` over the cell,
 the implementation before the fused scan), LARNN with the naive cell
-(:mod:`benchmarks.naive_cell`), the BN-LSTM (``bnlstm``), Flax's ``nn.LSTMCell`` (``lstm``)
+(:mod:`larnn_jax.reference`), the BN-LSTM (``bnlstm``), Flax's ``nn.LSTMCell`` (``lstm``)
 and, when ``torch`` is importable, PyTorch's ``nn.LSTM`` (``torch_lstm``: input projection, a
 ``num_layers``-layer ``nn.LSTM`` without residual sums, classifier on the last step; eager).
 

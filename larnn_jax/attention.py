@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from larnn_jax.window import AffineEntries
+
 
 def positional_encoding(window_size: int, dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
     """The LARNN positional encoding of the window (docs/model.md §1), as in the paper's Fig. 4.
@@ -35,11 +37,6 @@ def positional_encoding(window_size: int, dtype: np.typing.DTypeLike = np.float3
     cosines = np.cos(2 * np.pi * position / 2.0**exponent)
     sines = np.sin(2 * np.pi * position / 2.0 ** (exponent + 1))
     return np.concatenate([cosines, sines], axis=1).astype(dtype)
-
-
-def positional_encoding_size(window_size: int) -> int:
-    """Number of features ``2b`` of :func:`positional_encoding` for a window of ``window_size``."""
-    return 2 * (4 * window_size - 1).bit_length()
 
 
 def head_minor_order(features: int, num_heads: int) -> np.ndarray:
@@ -78,6 +75,38 @@ def spread_over_heads(w: jax.Array, features: int) -> jax.Array:
     """``(..., n)`` per-head values → ``(..., H)`` in head-minor order: each head's value on each
     of its features."""
     return jnp.tile(w, features // w.shape[-1])
+
+
+def multi_head_attention(
+    query: jax.Array,
+    keys: AffineEntries,
+    values: AffineEntries,
+    mask: jax.Array,
+    weight_dropout: jax.Array | None,
+    num_heads: int,
+) -> jax.Array:
+    """``concat_h Σ_j α_j V_j``, ``α = softmax_j(<q_h, K_j,h> / √d_k)`` over the valid entries.
+
+    Args:
+      query: ``(B, H)`` in the natural feature order (head ``h`` owns features
+        ``h·d_k … (h+1)·d_k - 1``).
+      keys, values: the window's ``K = E_K·s_K + t_K`` and ``V = E_V·s_V + t_V``
+        (:class:`~larnn_jax.window.AffineEntries`), in head-minor order.
+      mask: ``(B, k)`` boolean, the valid entries (at least one per sample).
+      weight_dropout: ``(B, k, n)`` dropout factors of the weights, or ``None``.
+      num_heads: ``n``.
+
+    Returns:
+      ``(B, H)`` in the natural order. The normalisations are folded in: ``<q, K_j> = <q·s_K,
+      E_K,j> + <q, t_K>``, whose second term is the same for every entry and cancels in the
+      softmax, and ``Σ_j α_j V_j = (Σ_j α_j E_V,j)·s_V + (Σ_j α_j)·t_V``.
+    """
+    scaled_query = to_head_minor(query, num_heads) * jnp.asarray(keys.scale, query.dtype)
+    factors = jnp.ones((), keys.entries.dtype) if weight_dropout is None else weight_dropout
+    context, weight_total = window_attention(
+        scaled_query, keys.entries, values.entries, mask, factors, num_heads
+    )
+    return from_head_minor(context * values.scale + weight_total * values.shift, num_heads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

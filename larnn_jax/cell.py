@@ -27,11 +27,10 @@ from flax.typing import Dtype, PRNGKey
 
 from larnn_jax import window as fifo
 from larnn_jax.attention import (
-    from_head_minor,
     head_minor_order,
+    multi_head_attention,
     positional_encoding,
     to_head_minor,
-    window_attention,
 )
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
 from larnn_jax.window import WindowScheme, WindowState, WindowView
@@ -73,12 +72,21 @@ def dropout_keep_mask(
     return (halves < levels).reshape(shape), levels / _DROPOUT_LEVELS
 
 
-def _dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool) -> jax.Array:
-    """Inverted dropout with rng stream ``'dropout'``; the identity when off or in eval mode."""
-    if rate == 0.0 or deterministic:
-        return x
-    keep, keep_probability = dropout_keep_mask(module.make_rng("dropout"), rate, x.shape)
-    return jnp.where(keep, x / keep_probability, jnp.zeros_like(x))
+def dropout_factors(
+    module: nn.Module, rate: float, shape: tuple[int, ...], dtype: Dtype
+) -> jax.Array | None:
+    """Inverted dropout's factors for an array of ``shape``: 0 where dropped, ``1 / keep
+    probability`` where kept, drawn from ``module``'s rng stream ``'dropout'``; ``None`` at rate 0
+    (no dropout). Dropout is ``x * factors``."""
+    if rate == 0.0:
+        return None
+    keep, keep_probability = dropout_keep_mask(module.make_rng("dropout"), rate, shape)
+    return jnp.where(keep, 1.0 / keep_probability, 0.0).astype(dtype)
+
+
+def apply_dropout(x: jax.Array, factors: jax.Array | None) -> jax.Array:
+    """``x`` dropped with :func:`dropout_factors` (``x`` itself where they are ``None``)."""
+    return x if factors is None else x * factors
 
 
 def _carry_dtype(dtype: Dtype | None, param_dtype: Dtype) -> Dtype:
@@ -121,8 +129,16 @@ class GatedUpdate(nn.Module):
         for norm in (self.gate_norm, self.cell_norm, self.hidden_norm):
             norm.create_variables()
 
-    def __call__(self, z: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``z``: ``(B, 4H)``; ``c_prev``: ``(B, H)``. Returns ``c_t, h_t``, both ``(B, H)``."""
+    def output_dropout(self, batch_shape: tuple[int, ...], dtype: Dtype) -> jax.Array | None:
+        """The dropout factors of ``h_t`` ``(*batch, H)`` for one step (``None``: no dropout)."""
+        rate = 0.0 if self.deterministic else self.dropout_rate
+        return dropout_factors(self, rate, (*batch_shape, self.features), dtype)
+
+    def __call__(
+        self, z: jax.Array, c_prev: jax.Array, output_dropout: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``z``: ``(B, 4H)``; ``c_prev``: ``(B, H)``; ``output_dropout``: the factors of
+        :meth:`output_dropout`. Returns ``c_t, h_t``, both ``(B, H)``."""
         running = self.deterministic
         z = self.gate_norm(z, use_running_average=running)
         g, f, i, o = jnp.split(z, 4, axis=-1)
@@ -134,7 +150,20 @@ class GatedUpdate(nn.Module):
         h = self.hidden_norm(
             jax.nn.sigmoid(o) * jax.nn.elu(normalised), use_running_average=running
         )
-        return c, _dropout(self, self.dropout_rate, h, self.deterministic)
+        return c, apply_dropout(h, output_dropout)
+
+
+def gated_update(cell: BNLSTMCell | LARNNCell) -> GatedUpdate:
+    """The :class:`GatedUpdate` of ``cell``, configured by the cell's fields of the same names."""
+    return GatedUpdate(
+        features=cell.features,
+        norm=cell.norm,
+        cell_norm_placement=cell.cell_norm_placement,
+        dropout_rate=cell.dropout_rate,
+        deterministic=cell.deterministic,
+        dtype=cell.dtype,
+        param_dtype=cell.param_dtype,
+    )
 
 
 def _check_common(features: int, dropout_rates: dict[str, float]) -> None:
@@ -193,14 +222,7 @@ class BNLSTMCell(nn.RNNCellBase):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_gates = nn.Dense(4 * self.features, **dense)
         self.hidden_gates = nn.Dense(4 * self.features, use_bias=False, **dense)
-        self.update = GatedUpdate(
-            self.features,
-            self.norm,
-            self.cell_norm_placement,
-            self.dropout_rate,
-            self.deterministic,
-            **dense,
-        )
+        self.update = gated_update(self)
 
     def __call__(
         self, carry: tuple[jax.Array, jax.Array], x: jax.Array
@@ -209,7 +231,7 @@ class BNLSTMCell(nn.RNNCellBase):
         c_prev, h_prev = carry
         _check_input(x, h_prev, self.input_gates, other=0)
         z = self.input_gates(x) + self.hidden_gates(h_prev)
-        c, h = self.update(z, c_prev)
+        c, h = self.update(z, c_prev, self.update.output_dropout(h_prev.shape[:-1], h_prev.dtype))
         dtype = c_prev.dtype
         return (c.astype(dtype), h.astype(dtype)), h
 
@@ -291,6 +313,18 @@ class LARNNCarry(NamedTuple):
     h: jax.Array
     c: jax.Array
     window: WindowState
+
+
+class StepDropout(NamedTuple):
+    """The dropout factors of one step (``None`` where that dropout is off).
+
+    Attributes:
+      attention: ``(B, k, n)``, on the attention weights.
+      output: ``(B, H)``, on ``h_t``.
+    """
+
+    attention: jax.Array | None
+    output: jax.Array | None
 
 
 class InputTerms(NamedTuple):
@@ -414,14 +448,7 @@ class LARNNCell(nn.RNNCellBase):
             self.attention_gates = nn.Dense(4 * features, use_bias=False, **dense)
         else:
             self.gates = ConcatDense(4 * features, rest_features=2 * features, **dense)
-        self.update = GatedUpdate(
-            features,
-            self.norm,
-            self.cell_norm_placement,
-            self.dropout_rate,
-            self.deterministic,
-            **dense,
-        )
+        self.update = gated_update(self)
 
     def initialize_carry(self, rng: PRNGKey, input_shape: tuple[int, ...]) -> LARNNCarry:
         """The initial carry for inputs of shape ``(*batch, D)``: ``c_{-1} = h_{-1} = 0``.
@@ -489,7 +516,9 @@ class LARNNCell(nn.RNNCellBase):
         Key/value dropout drops features of ``c_{t-1}`` here, once: the entries keep that mask
         while they stay.
         """
-        return self.entries(_dropout(self, self.kv_dropout_rate, c_prev, self.deterministic))
+        return self.entries(
+            apply_dropout(c_prev, self.entry_dropout(c_prev.shape[:-1], c_prev.dtype))
+        )
 
     def step_over_window(
         self,
@@ -511,15 +540,31 @@ class LARNNCell(nn.RNNCellBase):
         Returns:
           ``h_t``, ``c_t`` ``(B, H)`` and the moment sums for the next step's window state.
         """
+        dropout = self.step_dropout(h_prev.shape[:-1], h_prev.dtype)
         # q = elu(W_q [x_t ; h_{t-1}] + b_q)                                         (B, H)
         query = jax.nn.elu(terms.query + self.query(None, h_prev))
         # a_t = BN_a(elu(W_o concat_h(Σ_j α_j V_j) + b_o))                          (B, H)
-        a, moment_sums = self.attend(query, window, moment_sums)
+        a, moment_sums = self.attend(query, window, moment_sums, dropout.attention)
         # z = W_x x_t + W_h h_{t-1} + W_a a_t + b   (or W [x_t ; h_{t-1} ; a_t] + b)  (B, 4H)
         z = terms.gates + self.recurrent_gate_terms(h_prev, a)
         # c_t = f ⊙ c_{t-1} + i ⊙ g,  h_t = BN_h(o ⊙ elu(BN_c(c_t)))                  (B, H) each
-        c, h = self.update(z, c_prev)
+        c, h = self.update(z, c_prev, dropout.output)
         return h, c, moment_sums
+
+    def entry_dropout(self, batch_shape: tuple[int, ...], dtype: Dtype) -> jax.Array | None:
+        """The key/value dropout factors ``(*batch, H)`` of an entering cell state (``None``: no
+        dropout)."""
+        rate = 0.0 if self.deterministic else self.kv_dropout_rate
+        return dropout_factors(self, rate, (*batch_shape, self.features), dtype)
+
+    def step_dropout(self, batch_shape: tuple[int, ...], dtype: Dtype) -> StepDropout:
+        """The dropout factors that :meth:`step_over_window` draws, in the order it draws them."""
+        rate = 0.0 if self.deterministic else self.attention_dropout_rate
+        shape = (*batch_shape, self.window_size, self.num_heads)
+        return StepDropout(
+            attention=dropout_factors(self, rate, shape, dtype),
+            output=self.update.output_dropout(batch_shape, dtype),
+        )
 
     def entries(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
         """What the window stores for cell state ``c`` ``(B, H)``: its key and value entries.
@@ -544,61 +589,40 @@ class LARNNCell(nn.RNNCellBase):
         return self.gates(None, jnp.concatenate([h_prev, a], axis=-1))
 
     def attend(
-        self, query: jax.Array, window: WindowView, moment_sums: jax.Array
+        self,
+        query: jax.Array,
+        window: WindowView,
+        moment_sums: jax.Array,
+        weight_dropout: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         """``a_t`` ``(B, H)``: the query ``(B, H)`` attending over ``window``.
 
-        ``moment_sums``: the state's carried sums (see :class:`~larnn_jax.window.WindowState`).
+        ``moment_sums``: the state's carried sums (see :class:`~larnn_jax.window.WindowState`);
+        ``weight_dropout``: the ``(B, k, n)`` dropout factors of the attention weights.
         Returns ``a_t`` and the sums for the next step's state.
         """
-        running = self.deterministic
-        scheme = self.scheme
-        # The window's features are in head-minor order; the query joins them there.
-        order = self.window_feature_order
-        query = to_head_minor(query, self.num_heads)
-        keys = self.window_features(window.key_entries, "key")  # E_K (B, k, H)
-        values = self.window_features(window.value_entries, "value")  # E_V (B, k, H)
-        key_moments = value_moments = None
-        if scheme.carries_moments:
-            reference = self.zero_state_entries(moment_sums.dtype)
-            window_sums, moment_sums = fifo.slide_moment_sums(window, moment_sums, reference)
-            if not running:
-                key_moments, value_moments = fifo.moments_from_sums(
-                    window_sums, window.count, reference
-                )
-        if scheme.folds_batch_norm:
-            # K = E_K·s_K + t_K: <q, K_j> = <q·s_K, E_K,j> + a per-head constant the softmax
-            # cancels. V = E_V·s_V + t_V: Σ α_j V_j = (Σ α_j E_V,j)·s_V + (Σ α_j)·t_V.
-            norm = dict(use_running_average=running, feature_order=order)
-            key_scale, _ = self.key_norm.scale_and_shift(
-                keys, window.mask, moments=key_moments, **norm
-            )
-            value_scale, value_shift = self.value_norm.scale_and_shift(
-                values, window.mask, moments=value_moments, **norm
-            )
-            query = query * key_scale.astype(query.dtype)
-        else:
-            norm = dict(use_running_average=running, feature_order=order)
-            keys = self.key_norm(keys, window.mask, **norm)
-            values = self.value_norm(values, window.mask, **norm)
-            value_scale, value_shift = 1.0, 0.0
-
-        dropping = self.attention_dropout_rate > 0 and not self.deterministic
-        weights_shape = (*window.mask.shape, self.num_heads) if dropping else ()  # () broadcasts
-        weights_scale = _dropout(
-            self, self.attention_dropout_rate, jnp.ones(weights_shape, keys.dtype), not dropping
+        # K_j = BN_K(elu(E_K,j)), V_j = BN_V(elu(E_V,j)) over the valid entries     (B, k, H)
+        keys, values, moment_sums = fifo.normalised_keys_and_values(
+            self.window_features(window.key_entries, "key"),
+            self.window_features(window.value_entries, "value"),
+            window,
+            moment_sums,
+            self.key_norm,
+            self.value_norm,
+            scheme=self.scheme,
+            reference=self.zero_state_entries(moment_sums.dtype),
+            running=self.deterministic,
+            feature_order=self.window_feature_order,
         )
-        context, weight_total = window_attention(
-            query, keys, values, window.mask, weights_scale, self.num_heads
+        # concat_h Σ_j α_j V_j,  α = softmax_j(<q_h, K_j,h> / √d_k) per head h          (B, H)
+        context = multi_head_attention(
+            query, keys, values, window.mask, weight_dropout, self.num_heads
         )
-        attended = from_head_minor(
-            context * value_scale + weight_total * value_shift, self.num_heads
-        )
-        a = self.attention_norm(
-            jax.nn.elu(self.attention_output(attended.astype(keys.dtype))),
-            use_running_average=running,
-        )
-        return a, moment_sums
+        # a_t = BN_a(elu(W_o context + b_o))                                          (B, H)
+        return self.attention_norm(
+            jax.nn.elu(self.attention_output(context.astype(keys.entries.dtype))),
+            use_running_average=self.deterministic,
+        ), moment_sums
 
     def window_features(self, entries: jax.Array, kind: Literal["key", "value"]) -> jax.Array:
         """Stored entries ``(B, k, H)`` → the keys or values before normalisation ``(B, k, H)``.

@@ -15,6 +15,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from larnn_jax.normalization import FeatureNorm
 
 
 class WindowState(NamedTuple):
@@ -58,6 +61,22 @@ class WindowView(NamedTuple):
     value_entries: jax.Array
     mask: jax.Array
     count: jax.Array
+
+
+class AffineEntries(NamedTuple):
+    """The window's keys (or values) as an affine map of arrays it holds: ``entries · scale +
+    shift``, so that a batch norm can be folded into the attention instead of applied to the
+    ``(B, k, H)`` window (``docs/model.md``, *Folding the normalisation*).
+
+    Attributes:
+      entries: ``(B, k, H)``.
+      scale, shift: ``(H,)`` in the window's feature order, or scalars (``1``, ``0``: the
+        entries are the keys or values themselves).
+    """
+
+    entries: jax.Array
+    scale: jax.Array | float
+    shift: jax.Array | float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,3 +210,60 @@ def moments_from_sums(
     variance = jnp.maximum(square_mean - jnp.square(deviation_mean), 0.0)
     mean = reference + deviation_mean
     return (mean[0], variance[0]), (mean[1], variance[1])
+
+
+def normalised_keys_and_values(
+    keys: jax.Array,
+    values: jax.Array,
+    view: WindowView,
+    moment_sums: jax.Array,
+    key_norm: FeatureNorm,
+    value_norm: FeatureNorm,
+    *,
+    scheme: WindowScheme,
+    reference: jax.Array,
+    running: bool,
+    feature_order: np.ndarray,
+) -> tuple[AffineEntries, AffineEntries, jax.Array]:
+    """The window's normalised keys and values, ``norm(keys)`` and ``norm(values)`` over its valid
+    entries, and the moment sums for the next step's state.
+
+    With ``scheme.folds_batch_norm`` the batch norms are returned as affine maps of ``keys`` and
+    ``values`` (their statistics from the carried ``moment_sums`` where ``scheme.carries_moments``,
+    else from the window; the running averages in evaluation); otherwise the norms are applied.
+
+    Args:
+      keys, values: ``(B, k, H)`` before normalisation, in ``feature_order``.
+      view: this step's window (its mask and count).
+      moment_sums: ``(B, 4, H)`` (or ``(B, 0, H)``) sums over the state's entries before this step.
+      key_norm, value_norm: the cell's norms of keys and values.
+      scheme: the cell's :class:`WindowScheme`.
+      reference: ``(2, H)``, see :func:`deviation_sums`.
+      running: use the running averages (evaluation) instead of the window's statistics.
+      feature_order: the window's feature order (``head_minor_order``).
+
+    Returns:
+      Keys, values (:class:`AffineEntries`) and the next step's moment sums.
+    """
+    key_moments = value_moments = None
+    if scheme.carries_moments:
+        window_sums, moment_sums = slide_moment_sums(view, moment_sums, reference)
+        if not running:
+            key_moments, value_moments = moments_from_sums(window_sums, view.count, reference)
+    norm = dict(use_running_average=running, feature_order=feature_order)
+    if not scheme.folds_batch_norm:
+        return (
+            AffineEntries(key_norm(keys, view.mask, **norm), 1.0, 0.0),
+            AffineEntries(value_norm(values, view.mask, **norm), 1.0, 0.0),
+            moment_sums,
+        )
+    # The keys' shift adds a per-head constant to every score, which the softmax cancels.
+    key_scale, _ = key_norm.scale_and_shift(keys, view.mask, moments=key_moments, **norm)
+    value_scale, value_shift = value_norm.scale_and_shift(
+        values, view.mask, moments=value_moments, **norm
+    )
+    return (
+        AffineEntries(keys, key_scale, 0.0),
+        AffineEntries(values, value_scale, value_shift),
+        moment_sums,
+    )

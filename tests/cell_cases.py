@@ -1,7 +1,7 @@
 """Small ``LARNNCell`` configurations and random variables, shared by the comparison tests.
 
 ``tests/test_exactness.py`` compares the cell with the float64 reference of docs/model.md §1 and
-``tests/test_naive_cell.py`` with the benchmarks' naive cell; both run these cases.
+``tests/test_reference_cell.py`` with ``larnn_jax.reference``'s cell; both run these cases.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ import pytest
 
 from benchmarks import memory, scaling_length, scaling_window, streaming, throughput
 from benchmarks.harness import arguments, output, series, timing, workloads
-from benchmarks.naive_cell import NaiveLARNNCell
 from experiments.config import TrainConfig
 from experiments.steps import build_model
+from larnn_jax.reference import ReferenceLARNNCell
 
 TINY = ["--features", "6", "--num-heads", "2", "--window-size", "3"]
 COMMON_KEYS = {"machine", "code", "command", "benchmark", "config", "rows"}
@@ -210,14 +210,14 @@ def test_workloads_are_the_models_the_training_builds() -> None:
     models = {block: workloads.Workload(block, **small).model() for block in workloads.BLOCKS}
     scans = {block: model.scan for block, model in models.items()}
     assert scans == {
-        "larnn": "fused",
+        "larnn": "auto",
         "larnn_remat": "remat",
         "larnn_plain": "plain",
-        "larnn_naive": "plain",
-        "bnlstm": "fused",
-        "lstm": "fused",
+        "larnn_naive": "auto",
+        "bnlstm": "auto",
+        "lstm": "auto",
     }
-    assert isinstance(models["larnn_naive"].cell, NaiveLARNNCell)
+    assert isinstance(models["larnn_naive"].cell, ReferenceLARNNCell)
     assert models["larnn_plain"].cell == models["larnn"].cell
     assert workloads.Workload("bnlstm", **small).config().model == "bnlstm"
     with pytest.raises(ValueError, match="block must be one of"):

@@ -1,4 +1,4 @@
-"""``LARNNCell`` against the naive float64 reference of ``docs/model.md`` (``tests/reference.py``).
+"""``LARNNCell`` against the naive float64 reference of ``docs/model.md`` (``tests/numpy_reference.py``).
 
 Every case runs the cell over ``T = 2k + 5`` steps (the window fills up and then slides), both
 under ``flax.linen.RNN`` and through ``LARNNLayer``'s default fused scan, and the reference on the
@@ -22,13 +22,12 @@ from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
-import reference
 from cell_cases import CellCase, randomised
-from reference import larnn_reference
-from reference import positional_encoding as reference_positional_encoding
+from numpy_reference import larnn_reference
+from numpy_reference import positional_encoding as reference_positional_encoding
 
 from larnn_jax import LARNNLayer, positional_encoding
 from larnn_jax import cell as cell_module
@@ -93,49 +92,32 @@ def make_variables(cfg: Config, dtype=np.float64, seed: int = 0) -> dict:
 RUNNERS = ("nn.RNN", "fused")
 
 
-def _recording_dropout(module: nn.Module, rate: float, x: jax.Array, deterministic: bool):
-    """The library's ``larnn_jax.cell._dropout``, run as it is, which also sows the factors it
-    multiplies by (0 where dropped, ``1 / keep probability`` where kept) into ``intermediates``,
-    as ``output`` (``h_t``, from the gated update), ``attention`` (the ``(B, k, n)`` weights) or
-    ``key_value`` (the entering cell state). The factors are those of the mask that
-    ``larnn_jax.cell.dropout_keep_mask`` returns to it, caught on the way.
-    """
-    if rate == 0.0 or deterministic:
-        return _library_dropout(module, rate, x, deterministic)
-    factors = []
-    keep_mask = cell_module.dropout_keep_mask
-
-    def catching_keep_mask(*args, **kwargs):
-        keep, keep_probability = keep_mask(*args, **kwargs)
-        factors.append(jnp.where(keep, 1.0 / keep_probability, 0.0))
-        return keep, keep_probability
-
-    cell_module.dropout_keep_mask = catching_keep_mask
-    try:
-        result = _library_dropout(module, rate, x, deterministic)
-    finally:
-        cell_module.dropout_keep_mask = keep_mask
-    (factor,) = factors
-    if isinstance(module, GatedUpdate):
-        site = "output"
-    else:
-        site = "attention" if x.ndim == 3 else "key_value"
-    module.sow("intermediates", site, factor.astype(x.dtype))
-    return result
+def _recording_dropout_factors(module: nn.Module, rate: float, shape: tuple[int, ...], dtype):
+    """The library's ``larnn_jax.cell.dropout_factors``, run as it is, which also sows the factors
+    it returns into ``intermediates``, as ``output`` (``h_t``, from the gated update),
+    ``attention`` (the ``(B, k, n)`` weights) or ``key_value`` (the entering cell state)."""
+    factors = _library_dropout_factors(module, rate, shape, dtype)
+    if factors is not None:
+        if isinstance(module, GatedUpdate):
+            site = "output"
+        else:
+            site = "attention" if len(shape) == 3 else "key_value"
+        module.sow("intermediates", site, factors)
+    return factors
 
 
 #: The library's own dropout, which :func:`recording_dropout` replaces while a function is traced.
-_library_dropout = cell_module._dropout
+_library_dropout_factors = cell_module.dropout_factors
 
 
 @contextlib.contextmanager
 def recording_dropout() -> Iterator[None]:
-    """Makes the cell use :func:`_recording_dropout` while a function is traced."""
-    cell_module._dropout = _recording_dropout
+    """Makes the cell use :func:`_recording_dropout_factors` while a function is traced."""
+    cell_module.dropout_factors = _recording_dropout_factors
     try:
         yield
     finally:
-        cell_module._dropout = _library_dropout
+        cell_module.dropout_factors = _library_dropout_factors
 
 
 @functools.cache
@@ -144,7 +126,7 @@ def _compiled(
 ):
     """A jitted ``(variables, x) -> ((ys (B,T,H), h (B,H), c (B,H), batch_stats after), masks)``;
     ``masks`` are the dropout factors of every step when ``record_dropout`` (``nn.RNN`` in
-    training only; else ``{}``), as :func:`reference.larnn_reference` takes them."""
+    training only; else ``{}``), as :func:`numpy_reference.larnn_reference` takes them."""
     if runner == "fused":
         assert not record_dropout, "dropout masks are recorded under nn.RNN"
         layer = LARNNLayer(cfg.cell(np.dtype(dtype)), scan="fused")
@@ -376,7 +358,7 @@ def test_the_bound_catches_an_epsilon_one_percent_off(
     """Batch norm's epsilon 1 % off (in the reference: the comparison cannot tell which side
     changed) moves the results by about 2e-6 in training and 3e-7 in evaluation: the bound
     catches it, with a factor of 100 to spare."""
-    monkeypatch.setattr(reference, "EPS", reference.EPS * 1.01)
+    monkeypatch.setattr(numpy_reference, "EPS", numpy_reference.EPS * 1.01)
     with pytest.raises(AssertionError, match="relative errors above"):
         compare_with_reference(Config(), train)
     errors = compare_with_reference(Config(), train, rtol=math.inf)
@@ -405,7 +387,7 @@ DROPOUT_BATCH = 6
 )
 def test_dropout_matches_the_reference(cfg: Config):
     """Training with every dropout on equals the reference given the masks the cell drew (they
-    are recorded by :func:`_recording_dropout`, which changes nothing in the results)."""
+    are recorded by :func:`_recording_dropout_factors`, which changes nothing in the results)."""
     variables = make_variables(cfg)
     x = make_inputs(cfg)
     recorded, masks = run_cell(cfg, variables, x, train=True, record_dropout=True)

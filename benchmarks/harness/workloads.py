@@ -16,11 +16,10 @@ import optax
 
 from benchmarks.harness.memory_use import memory_analysis
 from benchmarks.harness.timing import timed_compile
-from benchmarks.naive_cell import SCAN as NAIVE_SCAN
-from benchmarks.naive_cell import naive_twin
 from experiments.config import TrainConfig
 from experiments.steps import build_model, init_state, make_optimizer, make_train_step
 from larnn_jax.models import SequenceClassifier
+from larnn_jax.reference import ReferenceLARNNCell
 from larnn_jax.typing import PyTree
 
 _PAPER_CONFIG = TrainConfig()
@@ -43,7 +42,7 @@ PAPER = {
 
 # Models a benchmark can build: the training's three (``TrainConfig.model``), and LARNN with the
 # plain scan (``nn.RNN`` over the cell, the implementation before the fused scan), with
-# rematerialised training scans (``scan='remat'``) and with the naive cell.
+# rematerialised training scans (``scan='remat'``) and with the reference cell (``larnn_naive``).
 BLOCKS = ("larnn", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
 
 
@@ -68,7 +67,7 @@ class Workload:
       ``remat_chunk_length`` steps (default: the divisor of ``steps`` nearest its square root),
       as ``TrainConfig(remat_chunk_length=N)`` trains;
     * ``'larnn_naive'``: LARNN (same variables) with
-      :class:`~benchmarks.naive_cell.NaiveLARNNCell`, under the plain scan.
+      :class:`~larnn_jax.reference.ReferenceLARNNCell`, the definition without its savings.
     """
 
     block: str
@@ -114,7 +113,7 @@ class Workload:
         if self.block == "larnn_plain":
             return model.clone(scan="plain")
         if self.block == "larnn_naive":
-            return model.clone(cell=naive_twin(model.cell), scan=NAIVE_SCAN)
+            return model.clone(cell=ReferenceLARNNCell.twin(model.cell))
         return model
 
     def data(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:

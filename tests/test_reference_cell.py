@@ -1,4 +1,4 @@
-"""``NaiveLARNNCell`` (benchmarks) gives ``LARNNCell``'s results on ``LARNNCell``'s variables.
+"""``ReferenceLARNNCell`` (the definition) gives ``LARNNCell``'s results on the same variables.
 
 Both cells run under ``LARNNLayer`` over ``T = 2k + 5`` steps (the window fills up and slides)
 on the same randomised variables; outputs, final carries and, in training, the updated running
@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from cell_cases import CellCase, randomised
 
-from benchmarks.naive_cell import SCAN, NaiveCarry, NaiveLARNNCell, naive_twin
 from larnn_jax import LARNNCell, LARNNLayer
+from larnn_jax.reference import ReferenceCarry, ReferenceLARNNCell
 
 RTOL_FLOAT64 = 1e-9
 RTOL_FLOAT32 = 1e-5
 
 
 def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
-    """Results of ``LARNNCell`` and ``NaiveLARNNCell`` on the same variables and inputs.
+    """Results of ``LARNNCell`` and ``ReferenceLARNNCell`` on the same variables and inputs.
 
-    Returns ``{"train": (cached, naive), "eval": (cached, naive)}``, each result a dict
+    Returns ``{"train": (cached, reference), "eval": (cached, reference)}``, each result a dict
     ``{"ys": (B,T,H), "h": (B,H), "c": (B,H), "stats": updated batch_stats (train only)}``.
     """
     with jax.enable_x64(np.dtype(dtype) == np.float64):
@@ -35,7 +35,7 @@ def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
         x = np.random.default_rng(1).normal(size=shape).astype(dtype)
         layers = [
             LARNNLayer(cell, return_carry=True),
-            LARNNLayer(naive_twin(cell), scan=SCAN, return_carry=True),
+            LARNNLayer(ReferenceLARNNCell.twin(cell), return_carry=True),
         ]
         variables = randomised(layers[0].init(jax.random.key(0), x, deterministic=False))
         results: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -51,12 +51,12 @@ def run_both(case: CellCase, dtype: np.dtype) -> dict[str, tuple[dict, dict]]:
         return {mode: (pair[0], pair[1]) for mode, pair in as_numpy.items()}
 
 
-def assert_close(cached: dict, naive: dict, rtol: float) -> None:
-    """``max|naive - cached| <= rtol · max|cached|`` for every array of the two results."""
+def assert_close(cached: dict, reference: dict, rtol: float) -> None:
+    """``max|reference - cached| <= rtol · max|cached|`` for every array of the two results."""
     leaves_cached = jax.tree_util.tree_leaves_with_path(cached)
-    leaves_naive = jax.tree_util.tree_leaves(naive)
-    assert len(leaves_cached) == len(leaves_naive)
-    for (path, expected), actual in zip(leaves_cached, leaves_naive, strict=True):
+    leaves_reference = jax.tree_util.tree_leaves(reference)
+    assert len(leaves_cached) == len(leaves_reference)
+    for (path, expected), actual in zip(leaves_cached, leaves_reference, strict=True):
         assert actual.shape == expected.shape, jax.tree_util.keystr(path)
         error = np.abs(actual - expected).max() / np.abs(expected).max()
         assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
@@ -85,8 +85,8 @@ def test_same_results_float64(name: str) -> None:
     results = run_both(CASES[name], np.float64)
     if CASES[name].norm == "batch":
         assert results["train"][0]["stats"], "training with batch norm updates statistics"
-    for cached, naive in results.values():
-        assert_close(cached, naive, RTOL_FLOAT64)
+    for cached, reference in results.values():
+        assert_close(cached, reference, RTOL_FLOAT64)
 
 
 @pytest.mark.parametrize(
@@ -94,12 +94,12 @@ def test_same_results_float64(name: str) -> None:
 )
 def test_same_results_float32(pe: bool) -> None:
     """The float32 cells agree to a relative 1e-5 (a batch of 16 keeps the norms well scaled)."""
-    for cached, naive in run_both(CellCase(pe=pe, batch=16), np.float32).values():
-        assert_close(cached, naive, RTOL_FLOAT32)
+    for cached, reference in run_both(CellCase(pe=pe, batch=16), np.float32).values():
+        assert_close(cached, reference, RTOL_FLOAT32)
 
 
 def test_same_variables_as_larnn_cell() -> None:
-    """The naive cell's own ``init`` creates the same variable tree (names, shapes, dtypes)."""
+    """The reference cell's own ``init`` creates the same variable tree (names, shapes, dtypes)."""
     cell = CellCase().cell(np.float32)
     x = np.zeros((2, 7, 4), np.float32)
     key = jax.random.key(0)
@@ -107,19 +107,53 @@ def test_same_variables_as_larnn_cell() -> None:
     def shapes(layer: LARNNLayer) -> dict:
         return jax.eval_shape(functools.partial(layer.init, deterministic=False), key, x)
 
-    assert shapes(LARNNLayer(naive_twin(cell), scan=SCAN)) == shapes(LARNNLayer(cell))
+    assert shapes(LARNNLayer(ReferenceLARNNCell.twin(cell))) == shapes(LARNNLayer(cell))
 
 
 def test_twin_and_carry() -> None:
-    """``naive_twin`` copies every attribute; the carry holds the raw window of ``k - 1``."""
+    """``twin`` copies every attribute; the carry holds the raw window of ``k - 1``."""
     cell = LARNNCell(6, num_heads=2, window_size=4, mode="layer", dropout_rate=0.1)
-    twin = naive_twin(cell)
-    assert isinstance(twin, NaiveLARNNCell)
+    twin = ReferenceLARNNCell.twin(cell)
+    assert isinstance(twin, ReferenceLARNNCell)
     for field in dataclasses.fields(LARNNCell):
         if field.init and field.name not in ("parent", "name"):
             assert getattr(twin, field.name) == getattr(cell, field.name), field.name
     carry = twin.initialize_carry(jax.random.key(0), (3, 5))
-    assert isinstance(carry, NaiveCarry)
+    assert isinstance(carry, ReferenceCarry)
     assert carry.window.shape == (3, 3, 6)
     assert carry.h.shape == carry.c.shape == (3, 6)
-    np.testing.assert_array_equal(carry.length, np.zeros(3))
+    np.testing.assert_array_equal(carry.count, np.zeros(3))
+
+
+def test_same_dropout_masks_under_the_plain_scan() -> None:
+    """Both cells draw a step's dropout in the same order from the same rng stream: under the
+    plain scan, with every dropout on, they give the same results."""
+    case = CellCase(pe=False)
+    with jax.enable_x64(True):
+        cell = dataclasses.replace(
+            case.cell(np.float64),
+            dropout_rate=0.3,
+            kv_dropout_rate=0.2,
+            attention_dropout_rate=0.25,
+        )
+        x = np.random.default_rng(1).normal(size=(case.batch, case.steps, case.inputs))
+        layers = [
+            LARNNLayer(cell, scan="plain"),
+            LARNNLayer(ReferenceLARNNCell.twin(cell), scan="plain"),
+        ]
+        variables = randomised(layers[0].init(jax.random.key(0), x, deterministic=True))
+        ys = [
+            layer.apply(
+                variables,
+                x,
+                deterministic=False,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(2)},
+            )[0]
+            for layer in layers
+        ]
+        no_dropout = LARNNLayer(case.cell(np.float64), scan="plain").apply(
+            variables, x, deterministic=False, mutable=["batch_stats"]
+        )
+    assert_close({"ys": np.asarray(ys[0])}, {"ys": np.asarray(ys[1])}, RTOL_FLOAT64)
+    assert not np.allclose(ys[0], no_dropout[0])  # the dropout did drop something
