@@ -1,4 +1,4 @@
-"""Multi-head attention over the LARNN window: positional encoding and the per-head arithmetic.
+"""Multi-head attention of one query per sample over the LARNN window: the per-head arithmetic.
 
 Shapes: batch ``B`` (any number of leading axes), window ``k``, features ``H``, heads ``n``,
 head size ``d_k = H / n``.
@@ -12,58 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larnn_jax.window import AffineEntries
-
-
-def positional_encoding(window_size: int, dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
-    """The LARNN positional encoding of the window (docs/model.md §1), as in the paper's Fig. 4.
-
-    Row ``p - 1`` encodes position ``p`` (1 = the most recent entry, ``k`` = the oldest). With
-    ``b = ceil(log2(4k))``, a row is ``[cos(2πp/2^i) for i = 1..b] ++ [sin(2πp/2^i) for
-    i = 2..b+1]``: wavelengths are powers of two, the longest at least four times the window.
-
-    Args:
-      window_size: ``k >= 1``.
-      dtype: dtype of the result (computed in float64).
-
-    Returns:
-      ``(k, 2b)`` array.
-    """
-    if window_size < 1:
-        raise ValueError(f"window_size must be >= 1, got {window_size}")
-    num_wavelengths = (4 * window_size - 1).bit_length()  # ceil(log2(4k)) without float error
-    position = np.arange(1, window_size + 1, dtype=np.float64)[:, None]
-    exponent = np.arange(1, num_wavelengths + 1, dtype=np.float64)[None, :]
-    cosines = np.cos(2 * np.pi * position / 2.0**exponent)
-    sines = np.sin(2 * np.pi * position / 2.0 ** (exponent + 1))
-    return np.concatenate([cosines, sines], axis=1).astype(dtype)
-
-
-def head_minor_order(features: int, num_heads: int) -> np.ndarray:
-    """The window's feature order: position ``d·n + h`` holds feature ``h·d_k + d``.
-
-    Head ``h`` owns the contiguous features ``h·d_k … (h+1)·d_k - 1`` (``d_k = H / n``); in
-    head-minor order its ``d``-th feature sits at ``d·n + h``, so a head's sum over its features is
-    the sum of ``d_k`` contiguous blocks of ``n`` values. ``x[..., order]`` puts the last axis in
-    this order, ``x[..., np.argsort(order)]`` back.
-    """
-    head_size = features // num_heads
-    return np.arange(features).reshape(num_heads, head_size).T.reshape(-1)
-
-
-def to_head_minor(x: jax.Array, num_heads: int) -> jax.Array:
-    """``(..., H)`` in the natural order → head-minor order (``x[..., head_minor_order(H, n)]``,
-    as a transpose: its gradient is a transpose too, not a scatter)."""
-    head_size = x.shape[-1] // num_heads
-    grid = x.reshape(*x.shape[:-1], num_heads, head_size)
-    return jnp.swapaxes(grid, -1, -2).reshape(x.shape)
-
-
-def from_head_minor(x: jax.Array, num_heads: int) -> jax.Array:
-    """The inverse of :func:`to_head_minor`."""
-    head_size = x.shape[-1] // num_heads
-    grid = x.reshape(*x.shape[:-1], head_size, num_heads)
-    return jnp.swapaxes(grid, -1, -2).reshape(x.shape)
+from larnn_jax.window import AffineEntries, from_head_minor, to_head_minor
 
 
 def head_sums(x: jax.Array, num_heads: int) -> jax.Array:

@@ -20,20 +20,14 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, PRNGKey
 
 from larnn_jax import window as fifo
-from larnn_jax.attention import (
-    head_minor_order,
-    multi_head_attention,
-    positional_encoding,
-    to_head_minor,
-)
+from larnn_jax.attention import multi_head_attention
 from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, statistics_dtype
-from larnn_jax.window import WindowScheme, WindowState, WindowView
+from larnn_jax.window import WindowLayers, WindowScheme, WindowState, WindowView
 
 Mode = Literal["residual", "layer"]
 MODES: tuple[str, ...] = ("residual", "layer")
@@ -424,6 +418,20 @@ class LARNNCell(nn.RNNCellBase):
             activation_on_keys_and_values=self.activation_on_keys_and_values,
             use_positional_encoding=self.use_positional_encoding,
             norm=self.norm,
+            num_heads=self.num_heads,
+        )
+
+    @property
+    def window_layers(self) -> WindowLayers:
+        """The layers that make the window's keys and values (bound: inside ``apply``)."""
+        positions = self.use_positional_encoding
+        return WindowLayers(
+            self.key,
+            self.value,
+            self.key_position if positions else None,
+            self.value_position if positions else None,
+            self.key_norm,
+            self.value_norm,
         )
 
     def setup(self) -> None:
@@ -503,7 +511,8 @@ class LARNNCell(nn.RNNCellBase):
         Returns the carry after step ``t`` and ``h_t`` ``(B, H)``.
         """
         # c_{t-1} enters the window, in front: W_k c_{t-1} (+ b_k), W_v c_{t-1} + b_v  (B, H) each
-        window = fifo.push(carry.window, *self.enter(carry.c))  # (B, k, H) each, newest first
+        key_entry, value_entry = self.enter(carry.c)
+        window = fifo.push(carry.window, key_entry, value_entry)  # (B, k, H) each, newest first
         h, c, moment_sums = self.step_over_window(
             carry.h, carry.c, window, carry.window.moment_sums, terms
         )
@@ -516,9 +525,8 @@ class LARNNCell(nn.RNNCellBase):
         Key/value dropout drops features of ``c_{t-1}`` here, once: the entries keep that mask
         while they stay.
         """
-        return self.entries(
-            apply_dropout(c_prev, self.entry_dropout(c_prev.shape[:-1], c_prev.dtype))
-        )
+        dropped = apply_dropout(c_prev, self.entry_dropout(c_prev.shape[:-1], c_prev.dtype))
+        return self.entries(dropped)
 
     def step_over_window(
         self,
@@ -567,20 +575,9 @@ class LARNNCell(nn.RNNCellBase):
         )
 
     def entries(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """What the window stores for cell state ``c`` ``(B, H)``: its key and value entries.
-
-        ``W c + b`` each, and ``elu`` of it where the scheme caches the activation.
-        """
-        key, value = (to_head_minor(d(c), self.num_heads) for d in (self.key, self.value))
-        if self.scheme.caches_activation:
-            return jax.nn.elu(key), jax.nn.elu(value)
-        return key, value
-
-    @property
-    def window_feature_order(self) -> np.ndarray:
-        """The order of the window's features: head-minor (:func:`head_minor_order`), in which
-        a head's sum over its features is a sum of contiguous blocks."""
-        return head_minor_order(self.features, self.num_heads)
+        """What the window stores for cell state ``c`` ``(B, H)``: its key and value entries
+        (:func:`larnn_jax.window.stored_entries`)."""
+        return fifo.stored_entries(self.window_layers, c, self.scheme)
 
     def recurrent_gate_terms(self, h_prev: jax.Array, a: jax.Array) -> jax.Array:
         """``W_h h_{t-1} + W_a a_t`` ``(B, 4H)`` (``'layer'`` mode: the same with one matrix)."""
@@ -603,16 +600,7 @@ class LARNNCell(nn.RNNCellBase):
         """
         # K_j = BN_K(elu(E_K,j)), V_j = BN_V(elu(E_V,j)) over the valid entries     (B, k, H)
         keys, values, moment_sums = fifo.normalised_keys_and_values(
-            self.window_features(window.key_entries, "key"),
-            self.window_features(window.value_entries, "value"),
-            window,
-            moment_sums,
-            self.key_norm,
-            self.value_norm,
-            scheme=self.scheme,
-            reference=self.zero_state_entries(moment_sums.dtype),
-            running=self.deterministic,
-            feature_order=self.window_feature_order,
+            self.window_layers, window, moment_sums, self.scheme, running=self.deterministic
         )
         # concat_h Σ_j α_j V_j,  α = softmax_j(<q_h, K_j,h> / √d_k) per head h          (B, H)
         context = multi_head_attention(
@@ -623,26 +611,3 @@ class LARNNCell(nn.RNNCellBase):
             jax.nn.elu(self.attention_output(context.astype(keys.entries.dtype))),
             use_running_average=self.deterministic,
         ), moment_sums
-
-    def window_features(self, entries: jax.Array, kind: Literal["key", "value"]) -> jax.Array:
-        """Stored entries ``(B, k, H)`` → the keys or values before normalisation ``(B, k, H)``.
-
-        Adds the projected positional encoding (entry ``j`` is at position ``j + 1``) and the
-        activation where the entries do not hold them yet.
-        """
-        if not self.use_positional_encoding:
-            return entries
-        position = self.key_position if kind == "key" else self.value_position
-        table = positional_encoding(
-            self.window_size, jnp.result_type(entries.dtype, self.param_dtype)
-        )
-        pre_activation = entries + to_head_minor(position(jnp.asarray(table)), self.num_heads)
-        return jax.nn.elu(pre_activation) if self.activation_on_keys_and_values else pre_activation
-
-    def zero_state_entries(self, dtype: Dtype) -> jax.Array:
-        """``(2, H)``: the key and value entries of a zero cell state, a constant (no gradient).
-
-        The carried moment sums count deviations from it (:func:`larnn_jax.window.deviation_sums`).
-        """
-        zero = jnp.zeros((self.features,), dtype)
-        return jax.lax.stop_gradient(jnp.stack(self.entries(zero)).astype(dtype))

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import PRNGKey
 
-from larnn_jax.attention import positional_encoding
 from larnn_jax.cell import InputTerms, LARNNCell, apply_dropout
-from larnn_jax.window import valid_mask
+from larnn_jax.window import positional_encoding, valid_mask
 
 
 class ReferenceCarry(NamedTuple):

@@ -9,11 +9,11 @@ import pytest
 
 from larnn_jax.attention import (
     _attention_forward,
-    head_minor_order,
     head_sums,
     spread_over_heads,
     window_attention,
 )
+from larnn_jax.window import head_minor_order
 
 B, K, H = 3, 5, 6
 

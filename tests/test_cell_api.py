@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from larnn_jax import LARNN, BNLSTMCell, LARNNCarry, LARNNCell, LARNNLayer
+from larnn_jax.window import head_minor_order
 
 B, T, D, H, HEADS, K = 3, 9, 5, 6, 2, 3
 TRAIN_SCAN = dict(variable_carry="batch_stats", split_rngs={"params": False, "dropout": True})
@@ -337,7 +338,7 @@ def test_window_moment_sums_match_the_window_after_a_long_sequence():
         mutable=["batch_stats"],
     )
     params = variables["params"]["rnn"]["cell"]
-    order = larnn_cell().window_feature_order  # the window's features are head-minor
+    order = head_minor_order(H, HEADS)  # the window's features are head-minor
     shift = np.stack([jax.nn.elu(params[name]["bias"])[order] for name in ("key", "value")])
     window = carry.window
     entries = np.stack([window.key_entries, window.value_entries], axis=-2).astype(np.float64)
