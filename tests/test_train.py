@@ -545,7 +545,7 @@ def test_the_configuration_builds_the_cell_and_the_model() -> None:
     model = steps.build_model(config, CLASSES)
     assert model.cell == cell and model.num_classes == CLASSES
     assert (model.num_layers, model.residual_stacking) == (config.num_layers, True)
-    assert (model.scan, model.remat_chunk_length) == ("fused", None)
+    assert (model.scan, model.remat_chunk_length) == ("auto", None)
     remat = steps.build_model(dataclasses.replace(config, remat_chunk_length=4), CLASSES)
     assert (remat.scan, remat.remat_chunk_length) == ("remat", 4)
 
