@@ -27,6 +27,7 @@ from flax import linen as nn
 from experiments.data import Dataset, load_dataset
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
 from larnn_jax.normalization import NORM_KINDS
+from larnn_jax.scans import SCANS
 
 #: The recurrent cells a run can train: the LARNN cell, the same cell without attention (the
 #: BN-LSTM) and Flax's plain LSTM cell.
@@ -127,10 +128,18 @@ class TrainConfig:
         "rows per training step, the last incomplete batch of each epoch being dropped; also "
         "the evaluation batch size",
     )
+    scan: str = _option(
+        "auto",
+        "how the layers scan the sequence: auto (the library's choice for the cell, logged: the "
+        "native step where it is available, else the fused scan), native (the fused scan with "
+        "the native C++ step), fused (the fused window scan in XLA), plain (Flax's nn.RNN over "
+        "the cell) or remat (training scans rematerialised in chunks of --remat-chunk-length "
+        "steps: less memory for more time)",
+        choices=SCANS,
+    )
     remat_chunk_length: int | None = _option(
         None,
-        "rematerialise the training scans in chunks of N time steps: about 10-20 percent more "
-        "time for much less memory; N must divide the sequence length (default: off)",
+        "with --scan remat: the chunk length N, in time steps; N must divide the sequence length",
     )
     seed: int = _option(
         0,
@@ -208,6 +217,16 @@ class TrainConfig:
             raise ConfigError(
                 f"remat_chunk_length must be >= 1 (or null: off); got {self.remat_chunk_length}"
             )
+        if self.scan == "remat" and self.remat_chunk_length is None:
+            raise ConfigError(
+                "scan remat needs remat_chunk_length (--remat-chunk-length N), the length of the "
+                "rematerialised chunks"
+            )
+        if self.scan != "remat" and self.remat_chunk_length is not None:
+            raise ConfigError(
+                f"remat_chunk_length {self.remat_chunk_length} is used only by scan remat, not "
+                f"{self.scan}: add --scan remat, or leave out --remat-chunk-length"
+            )
         if self.validation_subjects < 0:
             raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
         if self.model == "larnn" and self.features % self.num_heads:
@@ -265,13 +284,15 @@ class TrainConfig:
         )
 
 
-#: Fields that may differ when a run is resumed: they change where things go, how long the run is
-#: or how much memory it takes, not what any completed epoch computes. (With dropout, changing
-#: remat_chunk_length changes which dropout masks later epochs draw, not their distribution.)
-RUN_FIELDS = frozenset({"epochs", "remat_chunk_length", "data_dir", "out", "progress"})
+#: Fields that may differ when a run is resumed: they change where things go, how long the run is,
+#: how fast it runs or how much memory it takes, not what any completed epoch computes. (With
+#: dropout, another scan or chunk length draws other dropout masks in later epochs, from the same
+#: distribution.)
+RUN_FIELDS = frozenset({"epochs", "scan", "remat_chunk_length", "data_dir", "out", "progress"})
 
 
-#: Fields added after runs had been saved without them, with the value those runs used.
+#: Fields added after runs had been saved without them, with the value those runs used. (And
+#: ``scan``, whose value followed from ``remat_chunk_length``: :func:`older_scan`.)
 SETTINGS_OF_OLDER_RUNS: dict[str, Any] = {"cell_norm_placement": "carried"}
 
 #: Fields renamed after runs had been saved with them: old name → today's name. The cell's
@@ -297,10 +318,18 @@ def with_current_names(values: Mapping[str, Any]) -> dict[str, Any]:
     return {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
 
 
+def older_scan(values: Mapping[str, Any]) -> str:
+    """The scan of a configuration saved before ``scan`` was a field (a run, a sweep's point),
+    when setting ``remat_chunk_length`` turned rematerialisation on: ``'remat'`` where it is set,
+    else ``'auto'``."""
+    return "auto" if values.get("remat_chunk_length") is None else "remat"
+
+
 def with_settings_of_older_runs(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved configuration with today's field names, and the fields it predates filled in as
     that run used them."""
-    return {**SETTINGS_OF_OLDER_RUNS, **with_current_names(saved)}
+    values = with_current_names(saved)
+    return {**SETTINGS_OF_OLDER_RUNS, "scan": older_scan(values), **values}
 
 
 def _check_keys(values: Mapping[str, Any]) -> None:

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 
 from hyperopt import hp
 
-from experiments.config import ConfigError, TrainConfig, with_current_names
+from experiments.config import ConfigError, TrainConfig, older_scan, with_current_names
 
 #: Integer fields a space may sample as floats; :func:`resolve_point` rounds them to the nearest.
 ROUNDED_FIELDS = ("num_heads", "decay_every", "num_layers", "batch_size")
@@ -217,12 +217,13 @@ def resolve_point(point: Mapping[str, Any]) -> ResolvedPoint:
     Applies the integer rules of the module docstring: the fields of :data:`ROUNDED_FIELDS` are
     rounded, ``window_size`` truncated, and ``features`` (default: TrainConfig's) rounded to a
     multiple of ``num_heads``. A field since renamed (a point of an older sweep) is read under its
-    new name.
+    new name, and a point without ``scan`` gets the scan its sweep ran (:func:`older_scan`).
 
     Raises:
         ConfigError: unknown fields or invalid values.
     """
     values = with_current_names(point)
+    values.setdefault("scan", older_scan(values))
     for name in ROUNDED_FIELDS:
         if name in values:
             values[name] = round(values[name])

@@ -30,16 +30,15 @@ from larnn_jax.typing import PyTree
 def build_model(config: TrainConfig, num_classes: int) -> SequenceClassifier:
     """The classifier that ``config`` describes, for ``num_classes`` classes.
 
-    Its cell is :meth:`TrainConfig.build_cell`; the layers scan with the library's default
-    (``scan='auto'``), or in rematerialised chunks (``scan='remat'``) when
-    ``remat_chunk_length`` is set.
+    Its cell is :meth:`TrainConfig.build_cell`; its layers scan as ``config.scan`` says
+    (:mod:`larnn_jax.scans`), in chunks of ``config.remat_chunk_length`` for ``'remat'``.
     """
     return SequenceClassifier(
         num_classes,
         config.build_cell(),
         num_layers=config.num_layers,
         residual_stacking=config.residual_stacking,
-        scan="auto" if config.remat_chunk_length is None else "remat",
+        scan=config.scan,
         remat_chunk_length=config.remat_chunk_length,
     )
 

@@ -58,6 +58,7 @@ from experiments.config import (
 from experiments.data import DataError
 from experiments.search_spaces import SearchSpace, get_space, resolve_point
 from experiments.train import train
+from larnn_jax.scans import SCANS
 
 #: What the sweep maximises: the validation accuracy of each epoch.
 METRIC, MODE = "val_accuracy", "max"
@@ -359,11 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="dataset of every trial (default: uci_har)")
     parser.add_argument("--data-dir", help="data folder, as experiments.train's --data-dir")
     parser.add_argument(
+        "--scan",
+        choices=SCANS,
+        help="how every trial's layers scan, as experiments.train's --scan (default: auto)",
+    )
+    parser.add_argument(
         "--remat-chunk-length",
         type=int,
         metavar="N",
-        help="rematerialise every trial's training scans in chunks of N time steps, as "
-        "experiments.train's --remat-chunk-length (default: off)",
+        help="with --scan remat: rematerialise every trial's training scans in chunks of N time "
+        "steps, as experiments.train's --remat-chunk-length",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the search and of every trial (default: 0)"
@@ -382,6 +388,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.scan is not None:
+        overrides["scan"] = args.scan
     if args.remat_chunk_length is not None:
         overrides["remat_chunk_length"] = args.remat_chunk_length
     if args.dataset is not None:

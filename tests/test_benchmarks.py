@@ -200,7 +200,8 @@ def test_workloads_are_the_models_the_training_builds() -> None:
         "batch": 4,
     }
     config = workloads.Workload("larnn_remat", **small).config()
-    assert (config.model, config.remat_chunk_length, config.batch_size) == ("larnn", 4, 4)
+    assert (config.model, config.scan, config.remat_chunk_length) == ("larnn", "remat", 4)
+    assert config.batch_size == 4
     assert (config.features, config.num_heads, config.window_size, config.num_layers) == (
         6,
         2,

@@ -211,9 +211,11 @@ def test_resolve_point_rules() -> None:
 
 
 def test_points_of_older_sweeps_read_renamed_fields_under_their_new_names() -> None:
-    """A point of a sweep started when ``remat_chunk_length`` was called ``checkpoint_every``,
-    and the cell's settings had names of their own (``hidden``, ``heads``, ``window``, ...)."""
-    assert resolve_point({"checkpoint_every": 16}).config.remat_chunk_length == 16
+    """A point of a sweep started when ``remat_chunk_length`` was called ``checkpoint_every``
+    (and set, it made the trials rematerialise: there was no ``scan``), and the cell's settings
+    had names of their own (``hidden``, ``heads``, ``window``, ...)."""
+    old = resolve_point({"checkpoint_every": 16}).config
+    assert (old.scan, old.remat_chunk_length) == ("remat", 16)
     config, requested = resolve_point(
         {
             "hidden": 75.3,
@@ -266,7 +268,7 @@ def test_help(module, capsys) -> None:
     text = capsys.readouterr().out
     sweep_flags = """--space --num-samples --max-concurrent --cpus-per-trial --gpus-per-trial
         --address --storage --name --resume --scheduler --epochs --data-dir --dataset --seed
-        --grace-period --reduction-factor --remat-chunk-length"""
+        --grace-period --reduction-factor --scan --remat-chunk-length"""
     flags = sweep_flags.split() if module is sweep else ["DIR", "--out"]
     for flag in flags:
         assert flag in text
@@ -331,10 +333,11 @@ def test_trial_overrides(
     assert overrides() == {"seed": 0}
     assert overrides(
         *["--dataset", "npz:data/toy.npz", "--data-dir", "data", "--seed", "3"],
-        *["--epochs", "5", "--remat-chunk-length", "16"],
+        *["--epochs", "5", "--scan", "remat", "--remat-chunk-length", "16"],
     ) == {
         "seed": 3,
         "epochs": 5,
+        "scan": "remat",
         "remat_chunk_length": 16,
         "dataset": f"npz:{cwd / 'data' / 'toy.npz'}",
         "data_dir": str(cwd / "data"),
@@ -343,8 +346,12 @@ def test_trial_overrides(
     assert overrides("--dataset", "uci_har")["dataset"] == "uci_har"
     # --remat-chunk-length must divide T: checked once, on the data, before any trial starts.
     with pytest.raises(ConfigError, match="12 does not divide the sequence length T = 32 of toy"):
-        overrides("--dataset", "npz:data/toy.npz", "--remat-chunk-length", "12")
-    argv = ["--space", "round2", "--dataset", "npz:data/absent.npz", "--remat-chunk-length", "8"]
+        overrides("--dataset", "npz:data/toy.npz", "--scan", "remat", "--remat-chunk-length", "12")
+    with pytest.raises(ConfigError, match="add --scan remat"):
+        overrides("--remat-chunk-length", "16")
+    assert overrides("--scan", "plain") == {"seed": 0, "scan": "plain"}
+    argv = ["--space", "round2", "--dataset", "npz:data/absent.npz", "--scan", "remat"]
+    argv += ["--remat-chunk-length", "8"]
     assert sweep.main(argv) == 2
     assert "absent.npz" in capsys.readouterr().err
 

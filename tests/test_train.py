@@ -25,6 +25,7 @@ from experiments.train import NonFiniteLossError
 from larnn_jax import BNLSTMCell, LARNNCell
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES
 from larnn_jax.normalization import NORM_KINDS
+from larnn_jax.scans import SCANS
 
 CLASSES = 3
 
@@ -353,21 +354,57 @@ def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
     assert train_module.main(["--config", str(path)]) == 2
 
 
-def test_remat_chunk_length_reaches_the_model_and_is_checked(
+def test_the_scan_is_the_configurations_and_checked(
     data: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    config, _ = train_module.config_from_args(["--remat-chunk-length", "5"])
-    assert config.remat_chunk_length == 5
-    assert steps.build_model(config, CLASSES).remat_chunk_length == 5
+    """``--scan`` reaches the model as it is (nothing inferred); ``remat`` needs its chunk
+    length, which must divide T, and a chunk length without ``remat`` is refused naming the fix."""
+    assert TrainConfig().scan == "auto"
+    assert steps.build_model(TrainConfig(), CLASSES).scan == "auto"
+    for scan in ("native", "fused", "plain"):
+        config, _ = train_module.config_from_args(["--scan", scan])
+        assert steps.build_model(config, CLASSES).scan == scan
+    config, _ = train_module.config_from_args(["--scan", "remat", "--remat-chunk-length", "5"])
+    model = steps.build_model(config, CLASSES)
+    assert (model.scan, model.remat_chunk_length) == ("remat", 5)
     assert steps.build_model(TrainConfig(), CLASSES).remat_chunk_length is None
+    with pytest.raises(ConfigError, match="scan remat needs remat_chunk_length"):
+        TrainConfig(scan="remat")
+    with pytest.raises(
+        ConfigError, match="remat_chunk_length 5 is used only by scan remat, not auto: add --scan"
+    ):
+        train_module.config_from_args(["--remat-chunk-length", "5"])
+    with pytest.raises(ConfigError, match="scan must be one of auto, native, fused, plain, remat"):
+        TrainConfig(scan="sideways")
     with pytest.raises(ConfigError, match="remat_chunk_length must be >= 1"):
-        TrainConfig(remat_chunk_length=0)
+        TrainConfig(scan="remat", remat_chunk_length=0)
     out = tmp_path / "run"
     with pytest.raises(
         ConfigError, match="remat_chunk_length 3 does not divide the sequence length T = 10"
     ):
-        train_module.train(tiny_config(data, out, remat_chunk_length=3))
+        train_module.train(tiny_config(data, out, scan="remat", remat_chunk_length=3))
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_runs_saved_before_the_scan_was_a_field_keep_their_scan(
+    finished_run: dict, tmp_path: pathlib.Path
+) -> None:
+    """A run saved before ``scan`` existed ran rematerialised exactly when it had a
+    ``remat_chunk_length``: it is read back so, and resumes."""
+    saved = json.loads((finished_run["out"] / "config.json").read_text())
+    del saved["scan"]
+    assert TrainConfig.from_saved(saved).scan == "auto"
+    chunked = {**saved, "remat_chunk_length": 5}
+    loaded = TrainConfig.from_saved(chunked)
+    assert (loaded.scan, loaded.remat_chunk_length) == ("remat", 5)
+    assert TrainConfig.from_saved({**chunked, "scan": "remat"}) == loaded
+    out = tmp_path / "old_run"
+    shutil.copytree(finished_run["out"], out)
+    shutil.rmtree(out / "checkpoints" / "4")
+    (out / "config.json").write_text(json.dumps(chunked))
+    train_module.train(TrainConfig.from_saved({**chunked, "out": str(out)}), resume=True)
+    assert json.loads((out / "config.json").read_text())["scan"] == "remat"
+    assert read_lines(out / "metrics.jsonl")[3]["epoch"] == 4
 
 
 def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
@@ -379,11 +416,11 @@ def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
     saved = json.loads((out / "config.json").read_text())
     monkeypatch.chdir(tmp_path)  # relative paths, resolved against it
     config = TrainConfig.from_dict(
-        {**saved, "remat_chunk_length": 5, "out": "run", "data_dir": "~/har"}
+        {**saved, "scan": "remat", "remat_chunk_length": 5, "out": "run", "data_dir": "~/har"}
     )
     train_module.train(config, resume=True)
     stored = json.loads((out / "config.json").read_text())
-    assert stored["remat_chunk_length"] == 5
+    assert (stored["scan"], stored["remat_chunk_length"]) == ("remat", 5)
     assert stored["out"] == str(out.absolute())
     assert stored["data_dir"] == str(pathlib.Path.home() / "har")
     resumed = read_lines(out / "metrics.jsonl")
@@ -419,13 +456,15 @@ def test_runs_saved_under_older_field_names_resume_and_evaluate(
     config.json and in its checkpoints' metadata) evaluates and resumes; a ``--config`` file with
     an old key is refused with the new name."""
     out = tmp_path / "old_run"
-    config = tiny_config(data, out, model="bnlstm", num_layers=1, epochs=1, remat_chunk_length=5)
+    config = tiny_config(
+        data, out, model="bnlstm", num_layers=1, epochs=1, scan="remat", remat_chunk_length=5
+    )
     old_names = {new: old for old, new in RENAMED_FIELDS.items()}
 
     def with_old_names(self: TrainConfig) -> dict[str, Any]:
-        return {
-            old_names.get(name, name): value for name, value in dataclasses.asdict(self).items()
-        }
+        values = dataclasses.asdict(self)
+        del values["scan"]  # a field of later versions
+        return {old_names.get(name, name): value for name, value in values.items()}
 
     with monkeypatch.context() as old_version:
         old_version.setattr(TrainConfig, "to_dict", with_old_names)
@@ -516,7 +555,7 @@ def test_short_flags_are_aliases_of_the_fields_flags() -> None:
 
 def test_the_configuration_builds_the_cell_and_the_model() -> None:
     """``build_cell`` makes the cell of ``model`` with every setting; ``build_model`` puts it in
-    the classifier, with the fused scan unless ``remat_chunk_length`` asks for chunks."""
+    the classifier, with the configuration's scan."""
     config = TrainConfig(
         features=12,
         num_heads=3,
@@ -546,12 +585,12 @@ def test_the_configuration_builds_the_cell_and_the_model() -> None:
     assert model.cell == cell and model.num_classes == CLASSES
     assert (model.num_layers, model.residual_stacking) == (config.num_layers, True)
     assert (model.scan, model.remat_chunk_length) == ("auto", None)
-    remat = steps.build_model(dataclasses.replace(config, remat_chunk_length=4), CLASSES)
-    assert (remat.scan, remat.remat_chunk_length) == ("remat", 4)
+    remat = dataclasses.replace(config, scan="remat", remat_chunk_length=4)
+    assert (steps.build_model(remat, CLASSES).scan, remat.remat_chunk_length) == ("remat", 4)
 
     choices = {field.name: field.metadata.get("choices") for field in dataclasses.fields(config)}
     assert choices["mode"] is MODES and choices["norm"] is NORM_KINDS
-    assert choices["cell_norm_placement"] is CELL_NORM_PLACEMENTS
+    assert choices["cell_norm_placement"] is CELL_NORM_PLACEMENTS and choices["scan"] is SCANS
 
 
 def test_train_step_donates_the_state() -> None:

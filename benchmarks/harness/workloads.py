@@ -60,12 +60,12 @@ class Workload:
     :class:`~experiments.config.TrainConfig` of :meth:`config`: the paper's configuration (the
     training's defaults) but for the sizes given here. ``block`` is one of :data:`BLOCKS`:
 
-    * ``'larnn'``, ``'bnlstm'``, ``'lstm'``: the training's models, LARNN with the library's
-      default fused scan;
+    * ``'larnn'``, ``'bnlstm'``, ``'lstm'``: the training's models, with the training's default
+      ``scan='auto'`` (for LARNN the native step where it is available, else the fused scan);
     * ``'larnn_plain'``: LARNN with ``scan='plain'`` (``nn.RNN`` over the cell);
     * ``'larnn_remat'``: LARNN with rematerialised training scans in chunks of
       ``remat_chunk_length`` steps (default: the divisor of ``steps`` nearest its square root),
-      as ``TrainConfig(remat_chunk_length=N)`` trains;
+      as ``TrainConfig(scan="remat", remat_chunk_length=N)`` trains;
     * ``'larnn_naive'``: LARNN (same variables) with
       :class:`~larnn_jax.reference.ReferenceLARNNCell`, the definition without its savings.
     """
@@ -104,14 +104,13 @@ class Workload:
             dropout_rate=self.dropout_rate,
             norm=self.norm,
             batch_size=self.batch,
+            scan={"larnn_remat": "remat", "larnn_plain": "plain"}.get(self.block, "auto"),
             remat_chunk_length=self.chunk if self.block == "larnn_remat" else None,
         )
 
     def model(self) -> SequenceClassifier:
         """The classifier, as the training builds it (with the scan or cell ``block`` names)."""
         model = build_model(self.config(), self.classes)
-        if self.block == "larnn_plain":
-            return model.clone(scan="plain")
         if self.block == "larnn_naive":
             return model.clone(cell=ReferenceLARNNCell.twin(model.cell))
         return model
