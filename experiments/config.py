@@ -24,6 +24,7 @@ from typing import Any
 
 from flax import linen as nn
 
+from experiments.augmentation import OPTIONS as AUGMENTATION_OPTIONS
 from experiments.data import Dataset, load_dataset
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
 from larnn_jax.normalization import NORM_KINDS
@@ -169,6 +170,33 @@ class TrainConfig:
     standardize: bool = _option(
         True, "standardise every channel with the training rows' mean and standard deviation"
     )
+    # Augmentation of the training rows (experiments/augmentation.py); 0 turns an option off.
+    rotation_degrees: float = _option(
+        0.0,
+        "augmentation: turn each training sequence (every (x, y, z) channel triplet alike) about "
+        "a random axis by a random angle within this many degrees",
+    )
+    rotation_about_x_degrees: float = _option(
+        0.0,
+        "augmentation: turn each training sequence about the sensors' x axis by a random angle "
+        "within this many degrees (180: any turn)",
+    )
+    scaling_sigma: float = _option(
+        0.0, "augmentation: multiply each channel of a training sequence by 1 + sigma * N(0, 1)"
+    )
+    shift_steps: int = _option(
+        0, "augmentation: delay or advance each training sequence by up to this many steps"
+    )
+    time_warp_sigma: float = _option(
+        0.0,
+        "augmentation: replay each training sequence at a smoothly varying speed, "
+        "1 + sigma * N(0, 1) at 6 knots",
+    )
+    jitter_sigma: float = _option(
+        0.0,
+        "augmentation: add Gaussian noise of this standard deviation (in standardised units) to "
+        "the training inputs",
+    )
     out: str | None = _option(
         None,
         "run folder for config, metrics, checkpoints, report and figures (default: "
@@ -227,6 +255,9 @@ class TrainConfig:
                 f"remat_chunk_length {self.remat_chunk_length} is used only by scan remat, not "
                 f"{self.scan}: add --scan remat, or leave out --remat-chunk-length"
             )
+        for name in AUGMENTATION_OPTIONS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off); got {getattr(self, name)}")
         if self.validation_subjects < 0:
             raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
         if self.model == "larnn" and self.features % self.num_heads:

@@ -3,7 +3,8 @@
 * :func:`build_model`: the classifier of a :class:`~experiments.config.TrainConfig`;
 * :func:`make_optimizer`: Adam with L2 in the gradient and a staircase learning rate;
 * :func:`init_state` and :func:`make_train_step`: the training state and one training step
-  (forward, backward, update), which donates the state it is given;
+  (augmentation of the batch, forward, backward, update), which donates the state it is given;
+* :func:`build_augmentation`: the augmentation of the training rows;
 * :func:`make_evaluator`: evaluation of a whole split, counting the rows whose logits diverged.
 
 The benchmarks (``benchmarks/harness/workloads.py``) time these same functions.
@@ -21,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.config import TrainConfig
-from experiments.data import Split
+from experiments.augmentation import OPTIONS as AUGMENTATION_OPTIONS
+from experiments.augmentation import Augmentation
+from experiments.config import ConfigError, TrainConfig
+from experiments.data import Dataset, Split
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.typing import PyTree
 
@@ -104,14 +107,47 @@ def init_state(
     return init(sample)
 
 
+#: Folded into the run's key to give the augmentation its own stream of keys (the dropout keys
+#: are the run's key folded with the step alone, as before augmentation existed).
+AUGMENTATION_STREAM = 0x6175_6700
+
+
+def build_augmentation(config: TrainConfig, dataset: Dataset) -> Augmentation | None:
+    """The augmentation of ``config``'s training rows (None when every option is off), with the
+    standardisation of ``dataset``'s inputs.
+
+    Raises:
+        ConfigError: a rotation is asked of inputs whose channels are not (x, y, z) triplets.
+    """
+    channels = dataset.train.x.shape[-1]
+    options = {name: getattr(config, name) for name in AUGMENTATION_OPTIONS}
+    try:
+        augmentation = Augmentation(
+            channel_mean=np.zeros(channels, np.float32)
+            if dataset.channel_mean is None
+            else dataset.channel_mean,
+            channel_std=np.ones(channels, np.float32)
+            if dataset.channel_std is None
+            else dataset.channel_std,
+            **options,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{dataset.name}: {err}") from err
+    return augmentation if augmentation.active else None
+
+
 def make_train_step(
-    model: SequenceClassifier, tx: optax.GradientTransformation
+    model: SequenceClassifier,
+    tx: optax.GradientTransformation,
+    *,
+    augmentation: Augmentation | None = None,
 ) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
     """A jitted ``train_step(state, x_all, y_all, rows, step) -> (state, loss, accuracy)``.
 
     ``x_all (N, T, C)`` and ``y_all (N,)`` are the training rows (on the device), ``rows (B,)``
     the indices of this batch, ``step`` the global step number (from 0): the dropout key is
-    ``fold_in(state["rng"], step)``. ``loss`` and ``accuracy`` are the batch means.
+    ``fold_in(state["rng"], step)``, the augmentation's (if any) ``fold_in(fold_in(state["rng"],
+    AUGMENTATION_STREAM), step)``. ``loss`` and ``accuracy`` are the batch means.
 
     The step donates ``state``: its buffers hold the new state, and the ``state`` passed in
     must not be used again (use the one returned).
@@ -134,10 +170,15 @@ def make_train_step(
     def train_step(
         state: dict[str, PyTree], x_all: jax.Array, y_all: jax.Array, rows: jax.Array, step: int
     ) -> tuple[dict[str, PyTree], jax.Array, jax.Array]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        run_key = jax.random.wrap_key_data(state["rng"])
+        key = jax.random.fold_in(run_key, step)
+        x = x_all[rows]
+        if augmentation is not None:
+            augmentation_key = jax.random.fold_in(run_key, AUGMENTATION_STREAM)
+            x = augmentation(jax.random.fold_in(augmentation_key, step), x)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (batch_stats, accuracy)), grads = grad_fn(
-            state["params"], state["batch_stats"], x_all[rows], y_all[rows], key
+            state["params"], state["batch_stats"], x, y_all[rows], key
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

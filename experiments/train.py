@@ -56,6 +56,7 @@ from experiments.files import atomic_write, write_text_atomically
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 from experiments.steps import (
     SplitResult,
+    build_augmentation,
     build_model,
     init_state,
     learning_rate_schedule,
@@ -321,7 +322,7 @@ def _train_in(
     _write_metrics_file(metrics_path, progress.history)
 
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    train_step = make_train_step(model, tx)
+    train_step = make_train_step(model, tx, augmentation=build_augmentation(config, dataset))
     evaluate = make_evaluator(model, config.batch_size)
     training_rows = jax.device_put(dataset.train.x), jax.device_put(dataset.train.y)
     for epoch in range(len(progress.history) + 1, config.epochs + 1):
