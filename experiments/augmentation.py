@@ -2,7 +2,7 @@
 
 Shapes: ``B`` sequences, ``T`` time steps, ``C`` channels; ``C`` is a multiple of 3 for the
 rotations, whose channels are consecutive ``(x, y, z)`` triplets of vectors measured in the same
-frame (UCI HAR: ``body_acc``, ``body_gyro``, ``total_acc``, :data:`larnn_jax.data.UCI_HAR_CHANNELS`).
+frame (UCI HAR: ``body_acc``, ``body_gyro``, ``total_acc``, :data:`experiments.data.UCI_HAR_CHANNELS`).
 
 Each option is a field of :class:`Augmentation` and of :class:`~experiments.config.TrainConfig`,
 under the same name; 0 turns it off, and all are off by default:

@@ -33,6 +33,8 @@ from larnn_jax.scans import SCANS
 #: The recurrent cells a run can train: the LARNN cell, the same cell without attention (the
 #: BN-LSTM) and Flax's plain LSTM cell.
 MODELS: tuple[str, ...] = ("larnn", "bnlstm", "lstm")
+#: The learning-rate schedules (:func:`experiments.steps.learning_rate_schedule`).
+SCHEDULES: tuple[str, ...] = ("step", "cosine")
 
 
 class ConfigError(ValueError):
@@ -119,10 +121,28 @@ class TrainConfig:
         "L2 coefficient: l2 × weight is added to the gradient before Adam, like PyTorch Adam's "
         "weight_decay",
     )
-    decay_every: int = _option(
-        26, "multiply the learning rate by --decay-factor every this many epochs (staircase)"
+    schedule: str = _option(
+        "step",
+        "learning-rate schedule: step (multiplied by --decay-factor every --decay-every epochs) "
+        "or cosine (from --learning-rate down to 0 at the end of the last epoch, per step)",
+        choices=SCHEDULES,
     )
-    decay_factor: float = _option(0.75, "learning-rate decay factor")
+    decay_every: int = _option(
+        26, "multiply the learning rate by --decay-factor every this many epochs (step schedule)"
+    )
+    decay_factor: float = _option(0.75, "learning-rate decay factor (step schedule)")
+    label_smoothing: float = _option(
+        0.0,
+        "training loss against labels smoothed to (1 - s) one-hot + s / classes (0: off; "
+        "evaluation losses are never smoothed)",
+    )
+    ema_decay: float = _option(
+        0.0,
+        "keep an exponential moving average of the weights, updated after every step "
+        "(average <- d * average + (1 - d) * weights), with its own norm statistics; it is the "
+        "run's model (evaluated, selected, reported) and the raw weights' accuracies are "
+        "recorded beside it (0: off)",
+    )
     epochs: int = _option(100, "number of epochs (passes over the training rows)")
     batch_size: int = _option(
         256,
@@ -228,12 +248,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in (
-            "dropout_rate",
-            "kv_dropout_rate",
-            "attention_dropout_rate",
-            "validation_fraction",
-        ):
+        unit = ("dropout_rate", "kv_dropout_rate", "attention_dropout_rate", "validation_fraction")
+        for name in (*unit, "label_smoothing", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.l2 < 0 or not 0 < self.decay_factor <= 1:
@@ -462,15 +478,17 @@ def absolute_dataset_spec(spec: str) -> str:
 
 
 def check_same_config(saved: dict[str, Any], config: TrainConfig, where: pathlib.Path) -> None:
-    """Raises ConfigError naming every field (outside :data:`RUN_FIELDS`) in which ``config``
-    differs from the saved configuration of the run in ``where`` (read as
-    :meth:`TrainConfig.from_saved` reads it)."""
+    """Raises ConfigError naming every field (outside :data:`RUN_FIELDS`, ``epochs`` included
+    with a cosine schedule) in which ``config`` differs from the saved configuration of the run
+    in ``where`` (read as :meth:`TrainConfig.from_saved` reads it)."""
     saved = with_settings_of_older_runs(saved)
     current = config.to_dict()
+    # A cosine schedule spans the run's epochs: changing them changes every epoch's rate.
+    free = RUN_FIELDS - {"epochs"} if config.schedule == "cosine" else RUN_FIELDS
     differences = [
         f"{name}: {saved.get(name, '<absent>')!r} in the run, {current.get(name, '<absent>')!r} now"
         for name in sorted(set(saved) | set(current))
-        if name not in RUN_FIELDS and saved.get(name) != current.get(name)
+        if name not in free and saved.get(name) != current.get(name)
     ]
     if differences:
         raise ConfigError(

@@ -94,7 +94,8 @@ class OpenCheckpoint:
         # Only the structure of the optimiser state matters here, not its schedule.
         tx = make_optimizer(self.config, steps_per_epoch=1)
         target = jax.eval_shape(
-            lambda x: init_state(model, tx, x, self.config.seed), jnp.asarray(sample)
+            lambda x: init_state(model, tx, x, self.config.seed, average=self.config.ema_decay > 0),
+            jnp.asarray(sample),
         )
         state, _ = self.store.restore(self.step, target)
         return model, state

@@ -55,6 +55,7 @@ from experiments.data import DataError, Dataset
 from experiments.files import atomic_write, write_text_atomically
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 from experiments.steps import (
+    STATISTICS_BATCHES,
     SplitResult,
     build_augmentation,
     build_model,
@@ -62,6 +63,7 @@ from experiments.steps import (
     learning_rate_schedule,
     make_evaluator,
     make_optimizer,
+    make_statistics_estimator,
     make_train_step,
     model_variables,
 )
@@ -149,7 +151,9 @@ def train(
             ``test_loss``, ``test_accuracy``, ``test_diverged``, ``learning_rate``,
             ``epoch_seconds``; ``*_diverged`` count the rows whose logits diverged, see
             :func:`experiments.steps.diverged_rows`; an evaluation loss that is not finite is None and does not
-            stop the run), ``checkpoint_dir`` that epoch's folder
+            stop the run; with ``ema_decay``, the evaluations are those of the averaged weights,
+            and ``raw_val_accuracy`` and ``raw_test_accuracy`` those of the raw weights),
+            ``checkpoint_dir`` that epoch's folder
             ``OUT/checkpoints/<epoch>``.
 
     Returns:
@@ -236,6 +240,13 @@ def _steps_per_epoch(config: TrainConfig, dataset: Dataset) -> int:
     return steps
 
 
+def _epoch_batches(config: TrainConfig, epoch: int, rows: int, steps_per_epoch: int) -> np.ndarray:
+    """The training rows of each step of ``epoch`` ``(steps_per_epoch, batch_size)``: a
+    permutation of the ``rows`` training rows drawn from the seed and the epoch."""
+    order = np.random.default_rng((config.seed, epoch)).permutation(rows)
+    return order[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch, -1)
+
+
 def _train_epoch(
     train_step: Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]],
     state: dict[str, PyTree],
@@ -251,8 +262,7 @@ def _train_epoch(
         NonFiniteLossError: a step's loss is NaN or infinite.
     """
     x_all, y_all = training_rows
-    order = np.random.default_rng((config.seed, epoch)).permutation(len(y_all))
-    batches = order[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch, -1)
+    batches = _epoch_batches(config, epoch, len(y_all), steps_per_epoch)
     first_step = (epoch - 1) * steps_per_epoch
     losses, accuracies = [], []
     bar = tqdm(
@@ -283,9 +293,17 @@ def _epoch_metrics(
     test: SplitResult,
     learning_rate: float,
     seconds: float,
+    raw: tuple[SplitResult | None, SplitResult] | None = None,
 ) -> dict[str, Any]:
     """An epoch's line of ``metrics.jsonl`` (see :func:`train`); ``train`` is the mean training
-    loss and accuracy."""
+    loss and accuracy; ``raw`` the validation and test results of the raw weights, where the
+    run's model is their moving average."""
+    raw_accuracies = {}
+    if raw is not None:
+        raw_accuracies = {
+            "raw_val_accuracy": raw[0].accuracy if raw[0] is not None else None,
+            "raw_test_accuracy": raw[1].accuracy,
+        }
     return {
         "epoch": epoch,
         "train_loss": train[0],
@@ -297,6 +315,7 @@ def _epoch_metrics(
         "test_accuracy": test.accuracy,
         "test_diverged": test.diverged,
         "learning_rate": learning_rate,
+        **raw_accuracies,
         "epoch_seconds": seconds,
     }
 
@@ -314,7 +333,9 @@ def _train_in(
     check_remat_chunk_length(config.remat_chunk_length, dataset)
     model = build_model(config, dataset.num_classes)
     tx = make_optimizer(config, steps_per_epoch)
-    state = init_state(model, tx, jnp.asarray(dataset.train.x[:1]), config.seed)
+    averaged = config.ema_decay > 0
+    sample = jnp.asarray(dataset.train.x[:1])
+    state = init_state(model, tx, sample, config.seed, average=averaged)
     state, progress = _restore_progress(out, config, store, state)
     _write_json(out / "config.json", config.to_dict())
     _write_json(out / PREPROCESSING_FILE, Preprocessing.from_dataset(dataset).to_dict())
@@ -322,20 +343,38 @@ def _train_in(
     _write_metrics_file(metrics_path, progress.history)
 
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    train_step = make_train_step(model, tx, augmentation=build_augmentation(config, dataset))
+    augmentation = build_augmentation(config, dataset)
+    train_step = make_train_step(
+        model,
+        tx,
+        augmentation=augmentation,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
+    )
+    estimate_statistics = make_statistics_estimator(model, augmentation)
     evaluate = make_evaluator(model, config.batch_size)
+
+    def evaluate_splits(variables: PyTree) -> tuple[SplitResult | None, SplitResult]:
+        val = evaluate(variables, dataset.val) if dataset.val is not None else None
+        return val, evaluate(variables, dataset.test)
+
     training_rows = jax.device_put(dataset.train.x), jax.device_put(dataset.train.y)
     for epoch in range(len(progress.history) + 1, config.epochs + 1):
         epoch_started = time.perf_counter()
         state, train = _train_epoch(
             train_step, state, training_rows, config, epoch, steps_per_epoch
         )
-        variables = model_variables(state)
-        val = evaluate(variables, dataset.val) if dataset.val is not None else None
-        test = evaluate(variables, dataset.test)
+        raw = None
+        if averaged:
+            batches = _epoch_batches(config, epoch, len(dataset.train.y), steps_per_epoch)
+            state = estimate_statistics(
+                state, training_rows[0], batches[:STATISTICS_BATCHES], epoch
+            )
+            raw = evaluate_splits(model_variables(state, raw=True))
+        val, test = evaluate_splits(model_variables(state))
         learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
         metrics = _epoch_metrics(
-            epoch, train, val, test, learning_rate, time.perf_counter() - epoch_started
+            epoch, train, val, test, learning_rate, time.perf_counter() - epoch_started, raw
         )
         progress.record(metrics, test.predictions)
         store.save(epoch, state, progress.checkpoint_meta(config), report.selection_score(metrics))

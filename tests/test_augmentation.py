@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import assert_states_equal, make_dataset, read_lines, tiny_config, without_timing
 
 from experiments import augmentation as aug
-from experiments import evaluate, steps
-from experiments import train as train_module
+from experiments import steps
 from experiments.augmentation import Augmentation
 from experiments.config import ConfigError, TrainConfig
 from experiments.data import Dataset, Split
@@ -227,39 +224,3 @@ def test_the_train_step_augments_with_keys_from_the_seed_and_the_step() -> None:
     assert loss(augmented, 5) != loss(augmented, 6)
     assert loss(plain, 5) == loss(plain, 6)  # this LSTM has no dropout: the step is unused
     assert loss(augmented, 5) != loss(plain, 5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "toy.npz", train_rows=96)
-
-
-@pytest.mark.slow
-def test_training_augments_and_resumes_bit_for_bit(
-    data: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    """An augmented run stopped after epoch 1 and resumed equals the uninterrupted run; the
-    augmentation changed the training (not the same losses as without), and evaluation is
-    not augmented: the restored model gives the recorded validation accuracy."""
-    config = tiny_config(data, tmp_path / "whole", model="bnlstm", epochs=2, **AUGMENTED)
-    train_module.train(config)
-    first = dataclasses.replace(config, out=str(tmp_path / "resumed"), epochs=1)
-    train_module.train(first)
-    train_module.train(dataclasses.replace(first, epochs=2), resume=True)
-    whole = read_lines(tmp_path / "whole" / "metrics.jsonl")
-    assert without_timing(read_lines(tmp_path / "resumed" / "metrics.jsonl")) == without_timing(
-        whole
-    )
-    assert_states_equal(
-        evaluate.restore_run(tmp_path / "resumed", step=2).state,
-        evaluate.restore_run(tmp_path / "whole", step=2).state,
-    )
-    plain = tiny_config(data, tmp_path / "plain", model="bnlstm", epochs=1)
-    train_module.train(plain)
-    assert (
-        read_lines(tmp_path / "plain" / "metrics.jsonl")[0]["train_loss"] != whole[0]["train_loss"]
-    )
-    run = evaluate.restore_run(tmp_path / "whole", step=2)
-    variables = steps.model_variables(run.state)
-    val = steps.make_evaluator(run.model, config.batch_size)(variables, run.dataset.val)
-    assert val.accuracy == whole[1]["val_accuracy"]

@@ -645,7 +645,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "run"
     shutil.copytree(finished_run["out"], out)
     before = (out / "checkpoints" / "4" / "state").stat()
-    monkeypatch.setattr(steps, "per_example_loss", lambda logits, labels: logits[:, 0] / 0)
+    monkeypatch.setattr(steps, "per_example_loss", lambda logits, labels, *_: logits[:, 0] / 0)
     config = TrainConfig.from_dict({**json.loads((out / "config.json").read_text()), "epochs": 6})
     config = dataclasses.replace(config, out=str(out))
     with pytest.raises(NonFiniteLossError, match="epoch 5, step 1") as error:

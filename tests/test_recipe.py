@@ -1,0 +1,147 @@
+"""The training recipe's options: learning-rate schedules, label smoothing, weight averaging."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_augmentation import AUGMENTED
+from test_train import assert_states_equal, make_dataset, read_lines, tiny_config, without_timing
+
+from experiments import restore, steps
+from experiments import train as train_module
+from experiments.config import ConfigError, TrainConfig, check_same_config
+
+
+def test_cosine_schedule_spans_the_run_and_fixes_its_epochs_on_resume(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = TrainConfig(schedule="cosine", learning_rate=0.01, epochs=10)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch=20)
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(100)) == pytest.approx(0.005)
+    assert float(schedule(150)) == pytest.approx(0.005 * (1 + math.cos(0.75 * math.pi)))
+    assert float(schedule(200)) == pytest.approx(0.0, abs=1e-9)
+    step = steps.learning_rate_schedule(TrainConfig(decay_every=5, decay_factor=0.5), 20)
+    assert [float(step(s)) for s in (99, 100, 200)] == pytest.approx(
+        [0.006026, 0.003013, 0.0015065]
+    )
+    with pytest.raises(ConfigError, match="schedule must be one of step, cosine"):
+        TrainConfig(schedule="linear")
+    saved = TrainConfig(schedule="cosine", epochs=10).to_dict()
+    with pytest.raises(ConfigError, match="epochs: 10 in the run, 20 now"):
+        check_same_config(saved, TrainConfig(schedule="cosine", epochs=20), tmp_path)
+    step_saved = TrainConfig(epochs=10).to_dict()
+    check_same_config(step_saved, TrainConfig(epochs=20), tmp_path)  # allowed
+
+
+def test_label_smoothing_smooths_the_training_targets_only() -> None:
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = jnp.array([0, 1])
+    smoothing = 0.1
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    targets = np.full((2, 3), smoothing / 3)
+    targets[[0, 1], [0, 1]] += 1 - smoothing
+    np.testing.assert_allclose(
+        steps.per_example_loss(logits, labels, smoothing), -(targets * log_p).sum(-1), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        steps.per_example_loss(logits, labels), -log_p[[0, 1], [0, 1]], rtol=1e-6
+    )
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\)"):
+        TrainConfig(label_smoothing=1.0)
+
+
+def test_the_average_follows_the_updated_weights_and_gets_its_own_statistics() -> None:
+    config = TrainConfig(model="bnlstm", features=4, num_layers=1, ema_decay=0.9)
+    model = steps.build_model(config, 3)
+    tx = steps.make_optimizer(config, steps_per_epoch=1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 6, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
+    state = steps.init_state(model, tx, x[:1], seed=0, average=True)
+    np.testing.assert_array_equal(
+        *(
+            np.concatenate([leaf.ravel() for leaf in jax.tree.leaves(tree)])
+            for tree in (state["params"], state["average"]["params"])
+        )
+    )
+    before = jax.tree.map(np.asarray, state)
+    train_step = steps.make_train_step(model, tx, ema_decay=0.9)
+    state, _, _ = train_step(state, x, y, jnp.arange(8), 0)
+    expected = jax.tree.map(
+        lambda a, p: 0.9 * a + 0.1 * np.asarray(p), before["average"]["params"], state["params"]
+    )
+    jax.tree.map(
+        lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7),
+        state["average"]["params"],
+        expected,
+    )
+    # The step leaves the average's statistics alone; the estimator sets them from the raw
+    # weights' statistics and forward passes of the averaged weights.
+    assert_states_equal(state["average"]["batch_stats"], before["average"]["batch_stats"])
+    estimate = steps.make_statistics_estimator(model)
+    raw_stats = jax.tree.map(np.asarray, state["batch_stats"])
+    estimated = estimate(state, x, np.arange(16).reshape(2, 8), epoch=1)
+    assert_states_equal(estimated["batch_stats"], raw_stats)
+    differs = jax.tree.map(
+        lambda a, b: not np.allclose(a, b), estimated["average"]["batch_stats"], raw_stats
+    )
+    assert all(jax.tree.leaves(differs))
+    assert_states_equal(estimate(state, x, np.arange(16).reshape(2, 8), epoch=1), estimated)
+    assert steps.model_variables(estimated)["params"] is estimated["average"]["params"]
+    assert steps.model_variables(estimated, raw=True)["params"] is estimated["params"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "toy.npz", train_rows=96)
+
+
+@pytest.mark.slow
+def test_a_run_with_every_option_reports_both_models_and_resumes_bit_for_bit(
+    data: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Every recipe option at once. With ema_decay, the checkpoint keeps the average, which is
+    the model evaluated, selected and restored; the raw weights' accuracies are recorded; a run
+    interrupted after its first epoch and resumed equals the uninterrupted one; the
+    augmentation changes the training, not the evaluation (the restored model gives the
+    recorded validation accuracy)."""
+    recipe = {"ema_decay": 0.8, "label_smoothing": 0.1, "schedule": "cosine", **AUGMENTED}
+    config = tiny_config(data, tmp_path / "whole", model="bnlstm", epochs=2, **recipe)
+    train_module.train(config)
+    interrupted = dataclasses.replace(config, out=str(tmp_path / "resumed"))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_the_first_epoch(metrics: dict, checkpoint_dir: pathlib.Path) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_module.train(interrupted, epoch_callback=stop_after_the_first_epoch)
+    train_module.train(interrupted, resume=True)
+    whole = read_lines(tmp_path / "whole" / "metrics.jsonl")
+    assert without_timing(read_lines(tmp_path / "resumed" / "metrics.jsonl")) == without_timing(
+        whole
+    )
+    assert {"raw_val_accuracy", "raw_test_accuracy"} <= set(whole[0])
+    run = restore.restore_run(tmp_path / "whole", step=2)
+    assert "average" in run.state
+    variables = steps.model_variables(run.state)
+    val = steps.make_evaluator(run.model, config.batch_size)(variables, run.dataset.val)
+    assert val.accuracy == whole[1]["val_accuracy"]
+    raw = steps.make_evaluator(run.model, config.batch_size)(
+        steps.model_variables(run.state, raw=True), run.dataset.val
+    )
+    assert raw.accuracy == whole[1]["raw_val_accuracy"]
+    plain = {**recipe, **dict.fromkeys(AUGMENTED, 0)}
+    train_module.train(tiny_config(data, tmp_path / "plain", model="bnlstm", epochs=2, **plain))
+    assert (
+        read_lines(tmp_path / "plain" / "metrics.jsonl")[0]["train_loss"] != whole[0]["train_loss"]
+    )
