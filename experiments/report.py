@@ -123,12 +123,19 @@ def classification_figures(
         "confusion_matrix": matrix.tolist(),
     }
     if subjects is not None:
-        correct = np.asarray(labels) == np.asarray(predictions)
-        figures["per_subject_accuracy"] = {
-            str(subject): float(correct[subjects == subject].mean())
-            for subject in np.unique(subjects)
-        }
+        figures["per_subject_accuracy"] = per_subject_accuracy(labels, predictions, subjects)
     return figures
+
+
+def per_subject_accuracy(
+    labels: np.ndarray, predictions: np.ndarray, subjects: np.ndarray
+) -> dict[str, float]:
+    """``{str(id): accuracy}`` over the rows of each subject, in increasing order of id; all
+    three arguments ``(N,)``."""
+    correct = np.asarray(labels) == np.asarray(predictions)
+    return {
+        str(subject): float(correct[subjects == subject].mean()) for subject in np.unique(subjects)
+    }
 
 
 def machine_info() -> dict[str, Any]:

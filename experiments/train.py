@@ -51,7 +51,7 @@ from experiments.config import (
     load_config_dataset,
     load_config_file,
 )
-from experiments.data import DataError, Dataset
+from experiments.data import DataError, Dataset, Split
 from experiments.files import atomic_write, write_text_atomically
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
 from experiments.steps import (
@@ -151,8 +151,10 @@ def train(
             ``test_loss``, ``test_accuracy``, ``test_diverged``, ``learning_rate``,
             ``epoch_seconds``; ``*_diverged`` count the rows whose logits diverged, see
             :func:`experiments.steps.diverged_rows`; an evaluation loss that is not finite is None and does not
-            stop the run; with ``ema_decay``, the evaluations are those of the averaged weights,
-            and ``raw_val_accuracy`` and ``raw_test_accuracy`` those of the raw weights),
+            stop the run; ``val_subject_accuracy``: ``{subject: accuracy}`` on the validation
+            rows, where their subjects are known; with ``ema_decay``, the evaluations are those
+            of the averaged weights, and ``raw_val_accuracy``, ``raw_test_accuracy`` (and
+            ``raw_val_subject_accuracy``) those of the raw weights),
             ``checkpoint_dir`` that epoch's folder
             ``OUT/checkpoints/<epoch>``.
 
@@ -293,17 +295,27 @@ def _epoch_metrics(
     test: SplitResult,
     learning_rate: float,
     seconds: float,
+    val_split: Split | None = None,
     raw: tuple[SplitResult | None, SplitResult] | None = None,
 ) -> dict[str, Any]:
     """An epoch's line of ``metrics.jsonl`` (see :func:`train`); ``train`` is the mean training
-    loss and accuracy; ``raw`` the validation and test results of the raw weights, where the
-    run's model is their moving average."""
-    raw_accuracies = {}
+    loss and accuracy; ``val_split`` the validation rows (their subjects, where known, give
+    per-subject validation accuracies); ``raw`` the validation and test results of the raw
+    weights, where the run's model is their moving average."""
+
+    def by_subject(result: SplitResult | None) -> dict[str, float] | None:
+        if result is None or val_split is None or val_split.subjects is None:
+            return None
+        return report.per_subject_accuracy(val_split.y, result.predictions, val_split.subjects)
+
+    extra: dict[str, Any] = {}
+    if by_subject(val) is not None:
+        extra["val_subject_accuracy"] = by_subject(val)
     if raw is not None:
-        raw_accuracies = {
-            "raw_val_accuracy": raw[0].accuracy if raw[0] is not None else None,
-            "raw_test_accuracy": raw[1].accuracy,
-        }
+        extra["raw_val_accuracy"] = raw[0].accuracy if raw[0] is not None else None
+        extra["raw_test_accuracy"] = raw[1].accuracy
+        if by_subject(raw[0]) is not None:
+            extra["raw_val_subject_accuracy"] = by_subject(raw[0])
     return {
         "epoch": epoch,
         "train_loss": train[0],
@@ -315,7 +327,7 @@ def _epoch_metrics(
         "test_accuracy": test.accuracy,
         "test_diverged": test.diverged,
         "learning_rate": learning_rate,
-        **raw_accuracies,
+        **extra,
         "epoch_seconds": seconds,
     }
 
@@ -374,7 +386,14 @@ def _train_in(
         val, test = evaluate_splits(model_variables(state))
         learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
         metrics = _epoch_metrics(
-            epoch, train, val, test, learning_rate, time.perf_counter() - epoch_started, raw
+            epoch,
+            train,
+            val,
+            test,
+            learning_rate,
+            time.perf_counter() - epoch_started,
+            val_split=dataset.val,
+            raw=raw,
         )
         progress.record(metrics, test.predictions)
         store.save(epoch, state, progress.checkpoint_meta(config), report.selection_score(metrics))

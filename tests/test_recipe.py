@@ -16,6 +16,7 @@ from test_train import assert_states_equal, make_dataset, read_lines, tiny_confi
 from experiments import restore, steps
 from experiments import train as train_module
 from experiments.config import ConfigError, TrainConfig, check_same_config
+from experiments.data import Split
 
 
 def test_cosine_schedule_spans_the_run_and_fixes_its_epochs_on_resume(
@@ -144,4 +145,26 @@ def test_a_run_with_every_option_reports_both_models_and_resumes_bit_for_bit(
     train_module.train(tiny_config(data, tmp_path / "plain", model="bnlstm", epochs=2, **plain))
     assert (
         read_lines(tmp_path / "plain" / "metrics.jsonl")[0]["train_loss"] != whole[0]["train_loss"]
+    )
+
+
+def test_metrics_give_the_validation_accuracy_of_each_subject() -> None:
+    val_split = Split(
+        np.zeros((5, 2, 1), np.float32), np.array([0, 1, 1, 0, 1]), np.array([7, 7, 3, 3, 3])
+    )
+    predictions = np.array([0, 0, 1, 1, 1])
+    val = steps.SplitResult(0.5, 0.6, predictions, 0)
+    test = steps.SplitResult(0.5, 0.6, predictions, 0)
+    line = train_module._epoch_metrics(1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=val_split)
+    assert line["val_subject_accuracy"] == {"3": pytest.approx(2 / 3), "7": 0.5}
+    assert "raw_val_accuracy" not in line
+    raw = steps.SplitResult(0.5, 0.2, np.array([1, 0, 0, 0, 0]), 0)
+    line = train_module._epoch_metrics(
+        1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=val_split, raw=(raw, test)
+    )
+    assert (line["raw_val_accuracy"], line["raw_test_accuracy"]) == (0.2, 0.6)
+    assert line["raw_val_subject_accuracy"] == {"3": pytest.approx(1 / 3), "7": 0.0}
+    no_subjects = dataclasses.replace(val_split, subjects=None)
+    assert "val_subject_accuracy" not in train_module._epoch_metrics(
+        1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=no_subjects
     )
