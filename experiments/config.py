@@ -37,6 +37,27 @@ MODELS: tuple[str, ...] = ("larnn", "bnlstm", "lstm")
 SCHEDULES: tuple[str, ...] = ("step", "cosine")
 
 
+#: Named ways to train (``python -m experiments.train --recipe NAME``): the TrainConfig values
+#: each one sets, beneath a ``--config`` file and the flags. ``paper`` is the paper's training
+#: to the letter (the TrainConfig defaults: 100 epochs, the learning rate multiplied by 0.75
+#: every 26); ``recommended`` is the recipe chosen on validation subjects (docs/recipe.md), what
+#: the command line trains by default.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "recommended": {"epochs": 25, "decay_every": 5, "decay_factor": 0.5},
+}
+#: The recipe of ``python -m experiments.train`` without ``--recipe``.
+DEFAULT_RECIPE = "recommended"
+
+
+def recipe_text(name: str) -> str:
+    """``name``'s settings as flags (``--epochs 25 ...``), or what it stands for if none."""
+    settings = RECIPES[name]
+    if not settings:
+        return "the defaults"
+    return " ".join(f"--{field.replace('_', '-')} {value}" for field, value in settings.items())
+
+
 class ConfigError(ValueError):
     """An invalid configuration, or one that contradicts the run being resumed."""
 
@@ -508,18 +529,26 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     ``--window-size``).
 
     Every flag defaults to "not given" (absent from the parsed namespace), so that flags can
-    override the values of a ``--config`` file, which override the TrainConfig defaults.
+    override the values of a ``--config`` file, which override the :data:`DEFAULT_RECIPE`'s
+    settings, which override the TrainConfig defaults; the help gives both where they differ.
     """
     hints = typing.get_type_hints(TrainConfig)
+
+    def shown(value: Any) -> Any:
+        return "on" if value is True else "off" if value is False else value
+
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        shown = "on" if default is True else "off" if default is False else default
+        note = f" (default: {shown(default)})"
+        if field.name in RECIPES[DEFAULT_RECIPE]:
+            recipe_value = RECIPES[DEFAULT_RECIPE][field.name]
+            note = f" (default: {shown(recipe_value)}; --recipe paper: {shown(default)})"
         options: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,
             # A None default is explained by the help text itself.
-            "help": field.metadata["help"] + ("" if default is None else f" (default: {shown})"),
+            "help": field.metadata["help"] + ("" if default is None else note),
         }
         if hints[field.name] is bool:
             options["action"] = argparse.BooleanOptionalAction

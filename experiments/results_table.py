@@ -4,7 +4,8 @@
     python -m experiments.results_table --write docs/results.md README.md
     python -m experiments.results_table --check docs/results.md README.md   # exit 1 if they differ
 
-Every run folder under ``--results`` (default ``results/uci_har``) that holds a ``report.json``,
+Every run folder directly under ``--results`` (default ``results/uci_har``) that holds a
+``report.json``,
 its ``config.json`` and ``metrics.jsonl`` is one row of the per-run table. Runs whose
 configurations differ only in the seed (and in where and how they ran: output folder, data
 folder, progress bar, rematerialisation) are one *variant*; the summary table gives, per variant,
@@ -18,6 +19,12 @@ In a Markdown file the generated text sits between a section's markers (:data:`S
 three tables between ``<!-- results:start -->`` and ``<!-- results:end -->`` (docs/results.md),
 the summary alone between ``<!-- results-summary:start -->`` and ``<!-- results-summary:end -->``
 (the README's headline). ``--write`` and ``--check`` fill or compare every section a file has.
+
+The screening of a recipe's parts (docs/recipe.md, ``--results results/uci_har/screen``) has its
+own section, ``<!-- screen:start -->`` … ``<!-- screen:end -->`` (:func:`screen_tables`): it judges
+each part on validation accuracy only. Its run folders are named ``NAME-seed<S>``, and each
+``NAME`` (a variant of the recipe) is compared seed by seed with :data:`SCREEN_REFERENCE` (the
+seeds draw the validation subjects).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class Run:
 def load_runs(results: pathlib.Path) -> list[Run]:
     """Every complete run folder below ``results``, sorted by variant, then seed."""
     runs = []
-    for report_path in sorted(results.glob("**/report.json")):
+    for report_path in sorted(results.glob("*/report.json")):
         folder = report_path.parent
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -214,10 +221,140 @@ def summary(runs: Sequence[Run], results: pathlib.Path) -> str:
     )
 
 
+#: How many final epochs the screening's "last epochs" figures average.
+LAST_EPOCHS = 5
+#: The runs every screening variant is compared with: ``baseline-seed<S>`` (scripts/screen.sh).
+SCREEN_REFERENCE = "baseline"
+
+
+def screen_name(run: Run) -> str:
+    """``NAME`` of a screening run folder ``NAME-seed<S>``."""
+    return run.name.rsplit("-seed", 1)[0]
+
+
+def validation_figures(run: Run, prefix: str) -> dict[str, Any]:
+    """A run's validation figures for the weights that ``prefix`` names (``""``: the run's model;
+    ``"raw_"``: the raw weights beside a moving average): ``best`` (the highest validation
+    accuracy of an epoch, the one the honest protocol selects), ``last`` (the mean over the
+    :data:`LAST_EPOCHS` last epochs) and ``subjects`` (``{subject: mean over those epochs}``)."""
+    accuracies = [line[f"{prefix}val_accuracy"] for line in run.history]
+    last = run.history[-LAST_EPOCHS:]
+    subjects = last[0].get(f"{prefix}val_subject_accuracy") or {}
+    return {
+        "best": max(accuracies),
+        "last": statistics.fmean(accuracies[-LAST_EPOCHS:]),
+        "subjects": {
+            subject: statistics.fmean(
+                line[f"{prefix}val_subject_accuracy"][subject] for line in last
+            )
+            for subject in subjects
+        },
+    }
+
+
+def _config_changes(config: dict[str, Any], reference: dict[str, Any]) -> str:
+    changes = [
+        f"{name}={value}"
+        for name, value in sorted(config.items())
+        if name not in NOT_PART_OF_A_VARIANT and value != reference.get(name)
+    ]
+    return " ".join(changes) or "(the reference)"
+
+
+def _paired(values: dict[int, float], reference: dict[int, float]) -> str:
+    """Mean of ``values`` over seeds, and its mean difference to ``reference`` over the seeds
+    both have, with how many of them went up."""
+    text = f"{statistics.fmean(values.values()):.4f}"
+    seeds = sorted(set(values) & set(reference))
+    if not seeds or values is reference:
+        return text
+    differences = [values[seed] - reference[seed] for seed in seeds]
+    up = sum(difference > 0 for difference in differences)
+    return f"{text} ({statistics.fmean(differences):+.4f}, {up}/{len(seeds)} up)"
+
+
+def screen_tables(
+    runs: Sequence[Run], results: pathlib.Path, reference: str = SCREEN_REFERENCE
+) -> str:
+    """The screening tables: per variant ``NAME``, the mean over its seeds of each validation
+    figure of :func:`validation_figures`, for the run's model and, where the runs keep a moving
+    average, for the raw weights, each with its mean difference to ``reference`` (same seeds);
+    and the accuracy on each validation subject (mean over the last epochs)."""
+    groups: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        groups.setdefault(screen_name(run), {})[run.config["seed"]] = run
+    if reference not in groups:
+        raise SystemExit(f"error: no run folder {reference}-seed<S> under {results}")
+    reference_config = next(iter(groups[reference].values())).config
+    kinds = [("", "model")]
+    if all("raw_val_accuracy" in run.history[0] for run in runs):
+        kinds = [("raw_", "raw weights"), ("", "moving average")]
+    figures = {
+        (name, prefix): {seed: validation_figures(run, prefix) for seed, run in members.items()}
+        for name, members in groups.items()
+        for prefix, _ in kinds
+    }
+    header = "| variant | changes from the reference | seeds |"
+    for _, label in kinds:
+        header += f" best val acc, {label} | last {LAST_EPOCHS} epochs val acc, {label} |"
+    lines = [header, "|---|---|---:|" + "---:|" * 2 * len(kinds)]
+    for name, members in groups.items():
+        cells = [
+            f"`{name}`",
+            _config_changes(next(iter(members.values())).config, reference_config),
+        ]
+        cells.append(" ".join(str(seed) for seed in sorted(members)))
+        for prefix, _ in kinds:
+            for key in ("best", "last"):
+                values = {seed: f[key] for seed, f in figures[name, prefix].items()}
+                base = {seed: f[key] for seed, f in figures[reference, prefix].items()}
+                cells.append(_paired(values, values if name == reference else base))
+        lines.append("| " + " | ".join(cells) + " |")
+    text = (
+        f"Validation accuracy by variant (generated by `python -m experiments.results_table "
+        f"--screen {reference}` from `{results.as_posix()}/`; mean over the seeds, in brackets the "
+        f"mean difference to `{reference}` over the same seeds and how many of them it "
+        f"raised):\n\n" + "\n".join(lines)
+    )
+    prefix, label = kinds[0]
+    subjects = sorted(
+        {
+            s
+            for (_, p), by_seed in figures.items()
+            if p == prefix
+            for f in by_seed.values()
+            for s in f["subjects"]
+        },
+        key=int,
+    )
+    if subjects:
+        rows = [
+            "| variant | " + " | ".join(f"subject {subject}" for subject in subjects) + " |",
+            "|---|" + "---:|" * len(subjects),
+        ]
+        for name in groups:
+            by_subject = {
+                subject: value
+                for f in figures[name, prefix].values()
+                for subject, value in f["subjects"].items()
+            }
+            rows.append(
+                f"| `{name}` | "
+                + " | ".join(f"{by_subject[s]:.3f}" if s in by_subject else "" for s in subjects)
+                + " |"
+            )
+        text += (
+            f"\n\nValidation accuracy on each validation subject ({label}; mean over the last "
+            f"{LAST_EPOCHS} epochs of the seed that drew the subject):\n\n" + "\n".join(rows)
+        )
+    return text
+
+
 #: What each section of a Markdown file holds: name → the text of ``(runs, results folder)``.
 SECTIONS: dict[str, Callable[[Sequence[Run], pathlib.Path], str]] = {
     "results": tables,
     "results-summary": summary,
+    "screen": screen_tables,
 }
 
 

@@ -1,6 +1,7 @@
 """Train a LARNN (or a baseline) sequence classifier on UCI HAR (default) or a .npz dataset.
 
-    python -m experiments.train                         # the paper's best configuration
+    python -m experiments.train                         # the paper's LARNN, the recommended recipe
+    python -m experiments.train --recipe paper          # ... trained as the paper trains it
     python -m experiments.train --epochs 10 --out runs/try
     python -m experiments.train --out runs/try --resume  # continue after an interruption
     python -m experiments.train --config sweep.json --seed 3
@@ -41,6 +42,8 @@ from tqdm import tqdm
 from experiments import cli, report
 from experiments.checkpoints import CheckpointStore
 from experiments.config import (
+    DEFAULT_RECIPE,
+    RECIPES,
     ConfigError,
     TrainConfig,
     absolute_dataset_spec,
@@ -50,6 +53,7 @@ from experiments.config import (
     check_same_config,
     load_config_dataset,
     load_config_file,
+    recipe_text,
 )
 from experiments.data import DataError, Dataset, Split
 from experiments.files import atomic_write, write_text_atomically
@@ -422,14 +426,22 @@ def _train_in(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: one flag per TrainConfig field
-    (:func:`~experiments.config.add_field_arguments`), plus --config and --resume."""
+    (:func:`~experiments.config.add_field_arguments`), plus --recipe, --config and --resume."""
     parser = cli.command_parser(
         "experiments.train",
         __doc__,
         epilog=(
-            "Precedence: command-line flags > --config file > defaults (the paper's best UCI HAR "
-            "configuration). Per-epoch metrics go to stdout and OUT/metrics.jsonl."
+            "Precedence: command-line flags > --config file > --recipe > defaults (the paper's "
+            "best UCI HAR configuration). Per-epoch metrics go to stdout and OUT/metrics.jsonl."
         ),
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="how to train, a named set of the settings below: "
+        + "; ".join(f"{name}: {recipe_text(name)}" for name in RECIPES)
+        + " (default: %(default)s; paper: the paper's training to the letter)",
     )
     parser.add_argument(
         "--config",
@@ -454,9 +466,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bo
         ConfigError: a bad config file or invalid values.
     """
     args = vars(build_parser().parse_args(argv))
-    config_file, resume = args.pop("config"), args.pop("resume")
+    recipe, config_file, resume = args.pop("recipe"), args.pop("config"), args.pop("resume")
     values = load_config_file(config_file) if config_file else {}
-    return TrainConfig.from_dict({**values, **args}), resume
+    return TrainConfig.from_dict({**RECIPES[recipe], **values, **args}), resume
 
 
 def main(argv: Sequence[str] | None = None) -> int:

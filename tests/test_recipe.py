@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 
@@ -15,7 +16,13 @@ from test_train import assert_states_equal, make_dataset, read_lines, tiny_confi
 
 from experiments import restore, steps
 from experiments import train as train_module
-from experiments.config import ConfigError, TrainConfig, check_same_config
+from experiments.config import (
+    DEFAULT_RECIPE,
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+    check_same_config,
+)
 from experiments.data import Split
 
 
@@ -168,3 +175,24 @@ def test_metrics_give_the_validation_accuracy_of_each_subject() -> None:
     assert "val_subject_accuracy" not in train_module._epoch_metrics(
         1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=no_subjects
     )
+
+
+def test_the_command_line_trains_the_recommended_recipe_and_the_papers_on_request(
+    tmp_path: pathlib.Path,
+) -> None:
+    for name, settings in RECIPES.items():
+        assert set(settings) <= set(TrainConfig().to_dict()), name
+    assert DEFAULT_RECIPE == "recommended"
+    config, _ = train_module.config_from_args([])
+    assert config == TrainConfig(**RECIPES["recommended"])
+    assert config.epochs == 25 and (config.decay_every, config.decay_factor) == (5, 0.5)
+    config, _ = train_module.config_from_args(["--recipe", "paper"])
+    assert config == TrainConfig()
+    assert (config.epochs, config.decay_every, config.decay_factor) == (100, 26, 0.75)
+    # Flags > config file > recipe > defaults.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"epochs": 7, "decay_factor": 0.9}))
+    config, _ = train_module.config_from_args(["--config", str(path), "--decay-factor", "0.8"])
+    assert (config.epochs, config.decay_every, config.decay_factor) == (7, 5, 0.8)
+    with pytest.raises(SystemExit):
+        train_module.config_from_args(["--recipe", "fast"])

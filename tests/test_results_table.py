@@ -144,3 +144,63 @@ def test_the_documented_tables_are_generated_from_the_committed_runs(monkeypatch
     monkeypatch.chdir(ROOT)
     documents = ["docs/results.md", "README.md"]
     assert results_table.main(["--results", "results/uci_har", "--check", *documents]) == 0
+
+
+def write_screen_run(folder: pathlib.Path, seed: int, shift: float, **config) -> None:
+    """A screening run: 6 epochs, validation subjects 10 + seed and 20 + seed, raw weights
+    ``shift`` above a reference, the moving average 0.01 above the raw weights."""
+    write_run(folder, seed=seed, accuracy=0.9, **config)
+    history = []
+    for epoch in range(1, 7):
+        raw = 0.8 + 0.01 * epoch + shift
+        subjects = {str(10 + seed): raw - 0.1, str(20 + seed): raw + 0.1}
+        history.append(
+            {
+                "epoch": epoch,
+                "val_accuracy": raw + 0.01,
+                "raw_val_accuracy": raw,
+                "val_subject_accuracy": {k: v + 0.01 for k, v in subjects.items()},
+                "raw_val_subject_accuracy": subjects,
+            }
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+
+
+def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
+    tmp_path: pathlib.Path,
+) -> None:
+    for seed in (0, 1):
+        write_screen_run(tmp_path / f"base-seed{seed}", seed, 0.0)
+        write_screen_run(
+            tmp_path / f"warp-seed{seed}", seed, 0.02 - 0.03 * seed, time_warp_sigma=0.2
+        )
+    text = results_table.screen_tables(results_table.load_runs(tmp_path), tmp_path, "base")
+    lines = text.splitlines()
+    assert lines[2].startswith("| variant | changes from the reference | seeds | best val acc, raw")
+    # best: 0.86 (+ shift); last 5 epochs: mean of 0.82 .. 0.86 = 0.84 (+ shift).
+    assert lines[4] == ("| `base` | (the reference) | 0 1 | 0.8600 | 0.8400 | 0.8700 | 0.8500 |")
+    assert lines[5] == (
+        "| `warp` | time_warp_sigma=0.2 | 0 1 | 0.8650 (+0.0050, 1/2 up) "
+        "| 0.8450 (+0.0050, 1/2 up) | 0.8750 (+0.0050, 1/2 up) | 0.8550 (+0.0050, 1/2 up) |"
+    )
+    subjects = text.split("validation subject")[-1].splitlines()
+    assert subjects[2] == "| variant | subject 10 | subject 11 | subject 20 | subject 21 |"
+    assert subjects[4] == "| `base` | 0.740 | 0.740 | 0.940 | 0.940 |"
+    assert subjects[5] == "| `warp` | 0.760 | 0.730 | 0.960 | 0.930 |"
+    with pytest.raises(SystemExit, match="no run folder baseline-seed"):
+        results_table.screen_tables(results_table.load_runs(tmp_path), tmp_path)
+    # Only the folders directly under the results folder are runs.
+    write_run(tmp_path / "nested" / "deeper-seed0", seed=0, accuracy=0.5)
+    assert [run.name for run in results_table.load_runs(tmp_path)] == [
+        "base-seed0",
+        "base-seed1",
+        "warp-seed0",
+        "warp-seed1",
+    ]
+    # The screen section of a Markdown file.
+    doc = tmp_path / "recipe.md"
+    doc.write_text("text\n<!-- screen:start -->\n<!-- screen:end -->\n")
+    for seed in (0, 1):
+        (tmp_path / f"base-seed{seed}").rename(tmp_path / f"baseline-seed{seed}")
+    assert results_table.main(["--results", str(tmp_path), "--write", str(doc)]) == 0
+    assert "| `warp` | time_warp_sigma=0.2 | 0 1 | 0.8650 (+0.0050, 1/2 up)" in doc.read_text()
