@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the environment and trains the paper's best LARNN on UCI HAR.
+# Sets up the environment and trains the paper's best LARNN on UCI HAR with the recommended
+# recipe (docs/recipe.md; --recipe paper: the paper's training).
 # Extra arguments go to `python -m experiments.train`, e.g. `bash scripts/train.sh --epochs 10`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
