@@ -136,10 +136,15 @@ def runs_table(runs: Sequence[Run]) -> str:
     ]
     for run in runs:
         report = run.report
-        diverged = f"{run.most_diverged('val')} / {run.most_diverged('test')}"
+        diverged = " / ".join(
+            "–" if count is None else str(count)
+            for count in (run.most_diverged("val"), run.most_diverged("test"))
+        )
+        val_accuracy = report["selection"]["val_accuracy"]  # None: no validation split
         lines.append(
             f"| {run.variant} | `{run.name}` | {run.config['seed']} | {report['epochs']} "
-            f"| {report['selection']['epoch']} | {report['selection']['val_accuracy']:.4f} "
+            f"| {report['selection']['epoch']} "
+            f"| {'–' if val_accuracy is None else f'{val_accuracy:.4f}'} "
             f"| **{report['test']['accuracy']:.4f}** | {report['test']['weighted_f1']:.4f} "
             f"| {report['optimistic_protocol_best_test_accuracy']:.4f} "
             f"({report['optimistic_protocol_best_test_epoch']}) | {diverged} "

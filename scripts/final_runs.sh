@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Trains the final runs of docs/results.md (LARNN, BN-LSTM and Flax's LSTM; seeds 0, 1 and 2;
-# the recipe chosen on validation: 25 epochs, the learning rate halved every 5), copies each run's
-# config.json, metrics.jsonl and report.json into results/uci_har/, and regenerates the tables of
-# docs/results.md and the README. Resumable: run it again after an interruption.
+# Trains the runs of the final results table (LARNN, BN-LSTM and Flax's LSTM; seeds 0, 1 and 2; the
+# same recipe for all, by default the recommended one, docs/recipe.md), each twice, for the two
+# honest figures: NAME = MODEL-RECIPE-seedS holds out 4 validation subjects and its test figure is
+# that of the epoch selected on them; NAME = MODEL-RECIPE-all21-seedS trains on all 21 training
+# subjects and its test figure is that of the last epoch. Copies each run's config.json,
+# metrics.jsonl and report.json into results/uci_har/NAME/ and regenerates the tables of
+# docs/results.md and the README.
+# Resumable: run it again after an interruption.
 # Usage: bash scripts/final_runs.sh [RUNS_DIR]      (default runs/final; checkpoints stay there)
 #   MODELS="larnn" SEEDS="1 2"   a part of the table (e.g. per machine)
+#   FIGURES="all21"              one of the two figures: "val" (selected on validation subjects)
+#                                or "all21" (final epoch on all 21); default both
+#   RECIPE=paper                 another recipe of experiments.train (default recommended)
 #   PARALLEL=N                   N runs at a time (default 1; on a GPU one run's step is a chain of
 #                                small kernels that leaves most of the card idle, BENCHMARKS.md §7).
 #                                Each run's output goes to RUNS_DIR/NAME.log
@@ -16,7 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs/final}"
 parallel="${PARALLEL:-1}"
-recipe=(--epochs "${EPOCHS:-25}" --decay-every 5 --decay-factor 0.5)
+recipe_name="${RECIPE:-recommended}"
+recipe=(--recipe "$recipe_name" ${EPOCHS:+--epochs "$EPOCHS"})
 mkdir -p "$runs"
 if [ -n "${PYTHON:-}" ]; then
   train=("$PYTHON" -m experiments.train)
@@ -32,12 +40,14 @@ if [ "$parallel" -gt 1 ]; then
   export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 fi
 
-train_and_collect() {  # MODEL SEED; leaves RUNS_DIR/NAME.failed if the run fails
-  local name="$1-seed$2"
+train_and_collect() {  # NAME FLAGS...; leaves RUNS_DIR/NAME.failed if the run fails
+  local name="$1"
+  shift
   rm -f "$runs/$name.failed"
   echo "$name: training (log: $runs/$name.log)"
-  if "${train[@]}" --model "$1" --seed "$2" "${recipe[@]}" --no-progress \
-    ${TRAIN_ARGS:-} --out "$runs/$name" --resume >>"$runs/$name.log" 2>&1 &&
+  # shellcheck disable=SC2086  # TRAIN_ARGS is split into flags on purpose
+  if "${train[@]}" "$@" "${recipe[@]}" --no-progress ${TRAIN_ARGS:-} --out "$runs/$name" \
+    --resume >>"$runs/$name.log" 2>&1 &&
     mkdir -p "results/uci_har/$name" &&
     cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
       "results/uci_har/$name/"; then
@@ -51,10 +61,17 @@ train_and_collect() {  # MODEL SEED; leaves RUNS_DIR/NAME.failed if the run fail
 names=()
 for model in ${MODELS:-larnn bnlstm lstm}; do
   for seed in ${SEEDS:-0 1 2}; do
-    names+=("$model-seed$seed")
-    train_and_collect "$model" "$seed" &
-    while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do
-      wait -n || true
+    for figure in ${FIGURES:-val all21}; do
+      case "$figure" in
+        val) name="$model-$recipe_name-seed$seed" flags=() ;;
+        all21) name="$model-$recipe_name-all21-seed$seed" flags=(--validation-subjects 0) ;;
+        *) echo "unknown figure $figure (val or all21)" >&2; exit 2 ;;
+      esac
+      names+=("$name")
+      train_and_collect "$name" --model "$model" --seed "$seed" "${flags[@]}" &
+      while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do
+        wait -n || true
+      done
     done
   done
 done

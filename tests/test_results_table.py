@@ -204,3 +204,18 @@ def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
         (tmp_path / f"base-seed{seed}").rename(tmp_path / f"baseline-seed{seed}")
     assert results_table.main(["--results", str(tmp_path), "--write", str(doc)]) == 0
     assert "| `warp` | time_warp_sigma=0.2 | 0 1 | 0.8650 (+0.0050, 1/2 up)" in doc.read_text()
+
+
+def test_a_run_without_validation_split_has_no_validation_figures(tmp_path: pathlib.Path) -> None:
+    write_run(tmp_path / "all21-seed0", seed=0, accuracy=0.9, validation_subjects=0)
+    report_path = tmp_path / "all21-seed0" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["selection"]["val_accuracy"] = None
+    report_path.write_text(json.dumps(report))
+    history = [{"epoch": 1, "val_accuracy": None, "val_diverged": None, "test_diverged": 0}]
+    (tmp_path / "all21-seed0" / "metrics.jsonl").write_text(json.dumps(history[0]) + "\n")
+    row = results_table.tables(results_table.load_runs(tmp_path), tmp_path).splitlines()[-1]
+    assert row == (
+        "| LARNN validation_subjects=0 | `all21-seed0` | 0 | 2 | 2 | – | **0.9000** | 0.8900 "
+        "| 0.9200 (1) | – / 0 | 12 |"
+    )
