@@ -136,6 +136,11 @@ class TrainConfig:
     attention_dropout_rate: float = _option(
         0.1, "dropout probability on attention weights (larnn)", aliases=("--attention-dropout",)
     )
+    norm_scale_init: float = _option(
+        1.0,
+        "initial scale (gamma) of the gate and cell-state norms (larnn, bnlstm; Cooijmans et al. "
+        "use 0.1)",
+    )
     learning_rate: float = _option(0.006026, "Adam's initial learning rate (per step)")
     l2: float = _option(
         0.00065,
@@ -273,6 +278,8 @@ class TrainConfig:
         for name in (*unit, "label_smoothing", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.norm_scale_init <= 0:
+            raise ConfigError(f"norm_scale_init must be > 0; got {self.norm_scale_init}")
         if self.learning_rate <= 0 or self.l2 < 0 or not 0 < self.decay_factor <= 1:
             raise ConfigError(
                 "need learning_rate > 0, l2 >= 0 and 0 < decay_factor <= 1; got "
@@ -336,6 +343,7 @@ class TrainConfig:
                 norm=self.norm,
                 cell_norm_placement=self.cell_norm_placement,
                 dropout_rate=self.dropout_rate,
+                norm_scale_init=self.norm_scale_init,
             )
         return LARNNCell(
             self.features,
@@ -349,6 +357,7 @@ class TrainConfig:
             dropout_rate=self.dropout_rate,
             kv_dropout_rate=self.kv_dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
+            norm_scale_init=self.norm_scale_init,
         )
 
 

@@ -105,18 +105,24 @@ class GatedUpdate(nn.Module):
     norm: NormKind = "batch"
     cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
+    norm_scale_init: float = 1.0
     deterministic: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
-        def make_norm(size: int, name: str) -> FeatureNorm:
+        def make_norm(size: int, name: str, scale_init: float = 1.0) -> FeatureNorm:
             return FeatureNorm(
-                self.norm, size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+                self.norm,
+                size,
+                scale_init=scale_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
             )
 
-        self.gate_norm = make_norm(4 * self.features, "gate_norm")
-        self.cell_norm = make_norm(self.features, "cell_norm")
+        self.gate_norm = make_norm(4 * self.features, "gate_norm", self.norm_scale_init)
+        self.cell_norm = make_norm(self.features, "cell_norm", self.norm_scale_init)
         self.hidden_norm = make_norm(self.features, "hidden_norm")
 
     def create_variables(self) -> None:
@@ -154,6 +160,7 @@ def gated_update(cell: BNLSTMCell | LARNNCell) -> GatedUpdate:
         norm=cell.norm,
         cell_norm_placement=cell.cell_norm_placement,
         dropout_rate=cell.dropout_rate,
+        norm_scale_init=cell.norm_scale_init,
         deterministic=cell.deterministic,
         dtype=cell.dtype,
         param_dtype=cell.param_dtype,
@@ -194,7 +201,7 @@ class BNLSTMCell(nn.RNNCellBase):
     """The LARNN cell without attention: a batch-normalised LSTM with ELU output.
 
     ``z = W_x x_t + W_h h_{t-1} + b``, then :class:`GatedUpdate` (``norm``,
-    ``cell_norm_placement`` and ``dropout_rate`` are its attributes). Isolates what attention
+    ``cell_norm_placement``, ``dropout_rate`` and ``norm_scale_init`` are its attributes). Isolates what attention
     adds. Carry: ``(c, h)``, both ``(B, H)``, as Flax's ``LSTMCell``.
     """
 
@@ -202,6 +209,7 @@ class BNLSTMCell(nn.RNNCellBase):
     norm: NormKind = "batch"
     cell_norm_placement: CellNormPlacement = "output"
     dropout_rate: float = 0.0
+    norm_scale_init: float = 1.0
     deterministic: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -361,6 +369,8 @@ class LARNNCell(nn.RNNCellBase):
       kv_dropout_rate: dropout on a cell state's features when it enters the window; the entry
         keeps that mask while it stays.
       attention_dropout_rate: dropout on the attention weights.
+      norm_scale_init: the initial scale γ of the gate and cell-state norms ``BN_z`` and
+        ``BN_c`` (1; Cooijmans et al. use 0.1, which keeps the gates out of saturation early on).
       deterministic: ``True``: running averages and no dropout (evaluation); ``False``: batch
         statistics (updating ``batch_stats``) and dropout (rng stream ``'dropout'``).
       dtype: compute dtype (``None``: from the inputs and parameters); statistics and softmax are
@@ -379,6 +389,7 @@ class LARNNCell(nn.RNNCellBase):
     dropout_rate: float = 0.0
     kv_dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    norm_scale_init: float = 1.0
     deterministic: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32

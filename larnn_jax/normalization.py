@@ -54,6 +54,7 @@ class FeatureNorm(nn.Module):
       momentum: decay of the running averages (``'batch'`` only).
       epsilon: added to the variance.
       use_bias: learn a shift (the bias); without it the result is centred at zero.
+      scale_init: the initial value of every entry of the scale (Cooijmans et al. use 0.1).
       dtype: dtype of the result (the input's dtype when ``None``).
       param_dtype: dtype of the scale and bias.
     """
@@ -63,6 +64,7 @@ class FeatureNorm(nn.Module):
     momentum: float = 0.99
     epsilon: float = 1e-5
     use_bias: bool = True
+    scale_init: float = 1.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -71,7 +73,9 @@ class FeatureNorm(nn.Module):
         if self.kind == "none":
             return
         shape = (self.features,)
-        self.scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        self.scale = self.param(
+            "scale", nn.initializers.constant(self.scale_init), shape, self.param_dtype
+        )
         if self.use_bias:
             self.bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
         if self.kind == "batch":

@@ -196,3 +196,22 @@ def test_the_command_line_trains_the_recommended_recipe_and_the_papers_on_reques
     assert (config.epochs, config.decay_every, config.decay_factor) == (7, 5, 0.8)
     with pytest.raises(SystemExit):
         train_module.config_from_args(["--recipe", "fast"])
+
+
+@pytest.mark.parametrize("model", ["bnlstm", "larnn"])
+def test_norm_scale_init_sets_the_initial_gamma_of_the_gate_and_cell_norms(model: str) -> None:
+    config = TrainConfig(model=model, features=4, num_heads=2, num_layers=1, norm_scale_init=0.1)
+    params = steps.init_state(
+        steps.build_model(config, 3), steps.make_optimizer(config, 1), jnp.ones((2, 5, 3)), 0
+    )["params"]
+    scales = {
+        "/".join(str(getattr(key, "key", key)) for key in path[:-1]): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == "scale"
+    }
+    gates = [name for name in scales if name.endswith(("gate_norm", "cell_norm"))]
+    assert gates and all(np.all(scales[name] == np.float32(0.1)) for name in gates)
+    others = [name for name in scales if name not in gates]
+    assert others and all(np.all(scales[name] == 1.0) for name in others)
+    with pytest.raises(ConfigError, match="norm_scale_init must be > 0"):
+        TrainConfig(norm_scale_init=0.0)
