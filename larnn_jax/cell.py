@@ -16,7 +16,7 @@ arguments.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -221,7 +221,7 @@ class BNLSTMCell(nn.RNNCellBase):
         super().__post_init__()
 
     def setup(self) -> None:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_gates = nn.Dense(4 * self.features, **dense)
         self.hidden_gates = nn.Dense(4 * self.features, use_bias=False, **dense)
         self.update = gated_update(self)
@@ -278,7 +278,7 @@ class ConcatDense(nn.Module):
         ``x``: ``(..., D)``; ``rest``: ``(..., rest_features)``. Returns ``(..., F)``.
         """
         if self.has_variable("params", "kernel"):
-            shape = self.get_variable("params", "kernel").shape
+            shape: tuple[int, ...] = self.get_variable("params", "kernel").shape
         elif x is None:
             raise ValueError(f"{self.name}: the first call must include the input x")
         else:
@@ -446,7 +446,7 @@ class LARNNCell(nn.RNNCellBase):
         )
 
     def setup(self) -> None:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         features = self.features
         self.query = ConcatDense(features, rest_features=features, **dense)
         # Terms that add the same amount to every score of a head cancel in the softmax, so the

@@ -13,6 +13,7 @@ from flax import linen as nn
 from flax.linen.recurrent import flip_sequences
 from flax.typing import PRNGKey
 
+from larnn_jax.cell import LARNNCell
 from larnn_jax.scans import Scan, ScanKind, check_scan, choose_scan
 from larnn_jax.scans.fused import FusedScan
 from larnn_jax.scans.plain import PlainScan, scan_options
@@ -141,6 +142,7 @@ class LARNNLayer(nn.Module):
         ``scan(inputs (T, B, D), initial_carry, init_key, seq_lengths)`` → the final carry and
         the outputs ``(T, B, H)``."""
         if kind == "fused":
+            assert isinstance(cell, LARNNCell)  # choose_scan
             return FusedScan(cell, name="rnn")
         options = scan_options(training)
         if kind == "remat":

@@ -12,6 +12,8 @@ run the same network one time step at a time (evaluation mode).
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 from flax import linen as nn
 
@@ -77,7 +79,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"expected inputs (batch, time, features), got shape {x.shape}")
         hidden = nn.elu(self.input_projection(x))
         sequence = self.recurrent(hidden, deterministic=deterministic, seq_lengths=seq_lengths)
-        return self.classifier(last_valid_step(sequence, seq_lengths))
+        return self.classifier(last_valid_step(cast(jax.Array, sequence), seq_lengths))
 
     def initialize_carries(self, batch_shape: tuple[int, ...]) -> tuple[Carry, ...]:
         """The initial carry of every layer (a tuple of ``num_layers``) for a batch of shape

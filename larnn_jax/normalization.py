@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
+from jax.typing import DTypeLike
 
 NormKind = Literal["batch", "layer", "none"]
 NORM_KINDS: tuple[str, ...] = ("batch", "layer", "none")
@@ -192,7 +193,7 @@ def masked_moments(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax
     return _masked_moments(x, mask, axes=tuple(range(x.ndim - 1)))
 
 
-def statistics_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
+def statistics_dtype(*dtypes: DTypeLike) -> jnp.dtype:
     """float32, or wider where one of ``dtypes`` is wider (float64 stays float64)."""
     return jnp.result_type(jnp.float32, *dtypes)
 

@@ -15,12 +15,13 @@ Shapes: batch ``B`` (any number of leading axes), window ``k``, features ``H``, 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.typing import DTypeLike
 
 from larnn_jax.normalization import FeatureNorm
 
@@ -99,7 +100,7 @@ class WindowState(NamedTuple):
 
     key_entries: jax.Array
     value_entries: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like the method tuple.count
     moment_sums: jax.Array
 
 
@@ -116,7 +117,7 @@ class WindowView(NamedTuple):
     key_entries: jax.Array
     value_entries: jax.Array
     mask: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like the method tuple.count
 
 
 class AffineEntries(NamedTuple):
@@ -203,8 +204,8 @@ def empty_state(
     batch: tuple[int, ...],
     window_size: int,
     features: int,
-    dtype,
-    sums_dtype,
+    dtype: DTypeLike,
+    sums_dtype: DTypeLike,
     carries_moments: bool,
 ) -> WindowState:
     """The state of a window that holds nothing but the entering entry: zeros, count 0."""
@@ -351,7 +352,7 @@ def normalised_keys_and_values(
         if not running:
             key_moments, value_moments = moments_from_sums(window_sums, view.count, reference)
     order = head_minor_order(keys.shape[-1], scheme.num_heads)
-    norm = dict(use_running_average=running, feature_order=order)
+    norm: dict[str, Any] = dict(use_running_average=running, feature_order=order)
     if not scheme.folds_batch_norm:
         return (
             AffineEntries(layers.key_norm(keys, view.mask, **norm), 1.0, 0.0),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Literal
+from typing import Literal, cast
 
 from flax import linen as nn
 
@@ -89,7 +89,10 @@ def choose_scan(scan: str, cell: nn.Module, *, training: bool) -> ScanKind:
     if scan == "remat":
         return "remat" if training else "plain"
     if scan != "auto":
-        if scan == "native" and (reason := native_unavailable_reason(cell)) is not None:
+        if (
+            scan == "native"
+            and (reason := native_unavailable_reason(cast(LARNNCell, cell))) is not None
+        ):
             raise ValueError(
                 f"scan='native' cannot run here: {reason}; use scan='auto' or 'fused' (XLA)"
             )
@@ -97,9 +100,9 @@ def choose_scan(scan: str, cell: nn.Module, *, training: bool) -> ScanKind:
     if not larnn:
         return "plain"
     if os.environ.get(NATIVE_SWITCH, "1") == "0":
-        reason: str | None = f"{NATIVE_SWITCH}=0"
+        reason = f"{NATIVE_SWITCH}=0"
     else:
-        reason = native_unavailable_reason(cell)
+        reason = native_unavailable_reason(cast(LARNNCell, cell))
     kind: ScanKind = "fused" if reason else "native"
     _log_choice(kind, reason)
     return kind

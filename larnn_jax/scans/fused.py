@@ -17,13 +17,16 @@ needed: in training the outputs do not depend on them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import PRNGKey
 
 from larnn_jax.cell import LARNNCarry, LARNNCell
-from larnn_jax.scans.window_scan import StepFunction, window_scan
+from larnn_jax.scans.window_scan import ScanResult, StepFunction, window_scan
 from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState
 
@@ -63,14 +66,14 @@ class FusedScan(nn.Module):
             keys = jax.random.key_data(jax.random.split(base, (steps + 1, 2)))
             impl = jax.random.key_impl(base)
 
-            def wrap_key(data: jax.Array) -> tuple[jax.Array, jax.Array]:
+            def wrap_key(data: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
                 enter_key, advance_key = jax.random.wrap_key_data(data, impl=impl)
                 return enter_key, advance_key
 
         else:
             keys = jnp.zeros((steps + 1,), jnp.uint32)
 
-            def wrap_key(data: jax.Array) -> tuple[None, None]:
+            def wrap_key(data: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
                 return None, None
 
         enter, step_over_window = _pure_step(cell.clone(parent=None), bool(stats) and training)
@@ -89,7 +92,9 @@ class FusedScan(nn.Module):
         return _final_carry(result, initial_carry, seq_lengths), result.outputs
 
 
-def _pure_step(cell: LARNNCell, updates_statistics: bool):
+def _pure_step(
+    cell: LARNNCell, updates_statistics: bool
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``StepFunction.enter`` and ``StepFunction.step_over_window`` for an unbound ``cell``."""
 
     def variables(params, stats):
@@ -112,7 +117,9 @@ def _pure_step(cell: LARNNCell, updates_statistics: bool):
     return enter, step_over_window
 
 
-def _final_carry(result, initial: LARNNCarry, seq_lengths: jax.Array | None) -> LARNNCarry:
+def _final_carry(
+    result: ScanResult, initial: LARNNCarry, seq_lengths: jax.Array | None
+) -> LARNNCarry:
     """The carry after each sequence's last step (``seq_lengths - 1``, or the last step)."""
     steps = result.outputs.shape[0]
     batch = initial.h.shape[0]

@@ -101,7 +101,13 @@ def window_scan(
     return _window_scan(step, params, stats, h, c, window, terms, keys)
 
 
-def _step_view(key_buffer, value_buffer, initial_count, t, steps: int) -> WindowView:
+def _step_view(
+    key_buffer: jax.Array,
+    value_buffer: jax.Array,
+    initial_count: jax.Array,
+    t: jax.Array,
+    steps: int,
+) -> WindowView:
     """Step ``t``'s window, its entering entry (index ``T - t``) first, read from the buffers."""
     window_size = key_buffer.shape[-2] - steps
     start = steps - t
@@ -119,7 +125,16 @@ def _window_scan(step, params, stats, h, c, window, terms, keys):
     return _forward(step, params, stats, h, c, window, terms, keys)
 
 
-def _forward(step: StepFunction, params, stats, h, c, window, terms, keys) -> ScanResult:
+def _forward(
+    step: StepFunction,
+    params: PyTree,
+    stats: PyTree,
+    h: jax.Array,
+    c: jax.Array,
+    window: WindowState,
+    terms: PyTree,
+    keys: jax.Array,
+) -> ScanResult:
     steps = keys.shape[0] - 1
 
     def write(buffers, entries, index):
@@ -131,7 +146,8 @@ def _forward(step: StepFunction, params, stats, h, c, window, terms, keys) -> Sc
     def body(carry, inputs):
         h, c, sums, buffers, stats = carry
         t, terms_t, key_t, next_key = inputs
-        view = _step_view(*buffers, window.count, t, steps)
+        key_buffer, value_buffer = buffers
+        view = _step_view(key_buffer, value_buffer, window.count, t, steps)
         (output, c, sums), stats = step.step_over_window(
             params, stats, h, c, view, sums, terms_t, step.wrap_key(key_t)[1]
         )
@@ -155,7 +171,8 @@ def _forward(step: StepFunction, params, stats, h, c, window, terms, keys) -> Sc
         (h, c, window.moment_sums, buffers, stats),
         (jnp.arange(steps), terms, keys[:-1], keys[1:]),
     )
-    return ScanResult(outputs, cells, sums, *buffers, stats)
+    key_buffer, value_buffer = buffers
+    return ScanResult(outputs, cells, sums, key_buffer, value_buffer, stats)
 
 
 def _forward_rule(step, params, stats, h, c, window, terms, keys):
@@ -249,7 +266,7 @@ def _add_to_window(buffer: jax.Array, cotangent: jax.Array, start: jax.Array) ->
     return jax.lax.dynamic_update_slice_in_dim(buffer, current + cotangent, start, axis=-2)
 
 
-def _zero_cotangent(x: jax.Array) -> np.ndarray:
+def _zero_cotangent(x: jax.Array) -> Any:
     """The cotangent of an integer input: zeros of dtype ``float0``."""
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
