@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up the environment, checks lint and formatting, and runs the test suite.
+# Sets up the environment, checks lint, formatting and the library's types, and runs the test
+# suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh train,tune,dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # the files and settings of setup.cfg's [mypy] section
 .venv/bin/python -m pytest -n 2 "$@"
