@@ -125,16 +125,7 @@ def _window_scan(step, params, stats, h, c, window, terms, keys):
     return _forward(step, params, stats, h, c, window, terms, keys)
 
 
-def _forward(
-    step: StepFunction,
-    params: PyTree,
-    stats: PyTree,
-    h: jax.Array,
-    c: jax.Array,
-    window: WindowState,
-    terms: PyTree,
-    keys: jax.Array,
-) -> ScanResult:
+def _forward(step, params, stats, h, c, window, terms, keys):  # window_scan's arguments
     steps = keys.shape[0] - 1
 
     def write(buffers, entries, index):
