@@ -25,7 +25,7 @@ from typing import Any
 from flax import linen as nn
 
 from experiments.augmentation import OPTIONS as AUGMENTATION_OPTIONS
-from experiments.data import Dataset, load_dataset
+from experiments.data import Dataset, DataSettingsError, check_dataset_spec, load_dataset
 from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
 from larnn_jax.normalization import NORM_KINDS
 from larnn_jax.scans import SCANS
@@ -304,6 +304,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0 (0: off); got {getattr(self, name)}")
         if self.validation_subjects < 0:
             raise ConfigError(f"validation_subjects must be >= 0; got {self.validation_subjects}")
+        try:
+            check_dataset_spec(self.dataset)
+        except DataSettingsError as err:
+            raise ConfigError(f"dataset: {err}") from err
         if self.model == "larnn" and self.features % self.num_heads:
             raise ConfigError(
                 f"features ({self.features}) must be a multiple of num_heads ({self.num_heads})"
@@ -472,15 +476,24 @@ def load_config_file(path: os.PathLike | str) -> dict[str, Any]:
 
 
 def load_config_dataset(config: TrainConfig) -> Dataset:
-    """The dataset ``config`` names, split and standardised as its settings say."""
-    return load_dataset(
-        config.dataset,
-        config.data_dir,
-        validation_subjects=config.validation_subjects,
-        validation_fraction=config.validation_fraction,
-        standardize=config.standardize,
-        seed=config.seed,
-    )
+    """The dataset ``config`` names, split and standardised as its settings say.
+
+    Raises:
+        ConfigError: settings that do not fit the data (a validation split that would leave the
+            training or the validation part empty).
+        experiments.data.DataError: the data is missing or malformed.
+    """
+    try:
+        return load_dataset(
+            config.dataset,
+            config.data_dir,
+            validation_subjects=config.validation_subjects,
+            validation_fraction=config.validation_fraction,
+            standardize=config.standardize,
+            seed=config.seed,
+        )
+    except DataSettingsError as err:
+        raise ConfigError(str(err)) from err
 
 
 def check_remat_chunk_length(remat_chunk_length: int | None, dataset: Dataset) -> None:
@@ -507,19 +520,25 @@ def absolute_dataset_spec(spec: str) -> str:
     return spec
 
 
-def check_same_config(saved: dict[str, Any], config: TrainConfig, where: pathlib.Path) -> None:
-    """Raises ConfigError naming every field (outside :data:`RUN_FIELDS`, ``epochs`` included
-    with a cosine schedule) in which ``config`` differs from the saved configuration of the run
-    in ``where`` (read as :meth:`TrainConfig.from_saved` reads it)."""
+def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Every field (outside :data:`RUN_FIELDS`, ``epochs`` included with a cosine schedule) in
+    which ``config`` differs from the saved configuration of a run (read as
+    :meth:`TrainConfig.from_saved` reads it), as ``"name: <saved> in the run, <value> now"``."""
     saved = with_settings_of_older_runs(saved)
     current = config.to_dict()
     # A cosine schedule spans the run's epochs: changing them changes every epoch's rate.
     free = RUN_FIELDS - {"epochs"} if config.schedule == "cosine" else RUN_FIELDS
-    differences = [
+    return [
         f"{name}: {saved.get(name, '<absent>')!r} in the run, {current.get(name, '<absent>')!r} now"
         for name in sorted(set(saved) | set(current))
         if name not in free and saved.get(name) != current.get(name)
     ]
+
+
+def check_same_config(saved: dict[str, Any], config: TrainConfig, where: pathlib.Path) -> None:
+    """Raises ConfigError naming every field in which ``config`` differs from the saved
+    configuration of the run in ``where`` (:func:`config_differences`)."""
+    differences = config_differences(saved, config)
     if differences:
         raise ConfigError(
             f"cannot resume {where}: its configuration differs in "

@@ -406,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1 (trials); got {args.num_samples}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error(f"--max-concurrent must be >= 1; got {args.max_concurrent}")
     if not 0 <= args.gpus_per_trial <= 1:
         parser.error("--gpus-per-trial must be in 0..1 (a trial trains on one device)")
     if args.resume and args.name is None:

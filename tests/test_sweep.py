@@ -284,8 +284,10 @@ def test_help(module, capsys) -> None:
         (["--resume"], "--resume needs the --name of the experiment (and its --storage)"),
         (["--num-samples", "3"], "--space is required (unless --resume)"),
         (["--space", "round2", "--num-smaples", "3"], "unrecognized arguments: --num-smaples 3"),
+        (["--space", "round2", "--num-samples", "0"], "--num-samples must be >= 1 (trials); got 0"),
+        (["--space", "round2", "--max-concurrent", "0"], "--max-concurrent must be >= 1; got 0"),
     ],
-    ids=["gpus", "resume-without-name", "no-space", "misspelt-flag"],
+    ids=["gpus", "resume-without-name", "no-space", "misspelt-flag", "no-trials", "no-concurrency"],
 )
 def test_invalid_arguments_exit_2(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

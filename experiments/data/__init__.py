@@ -10,13 +10,14 @@ labels ``(N,)`` int32 in ``0 .. num_classes - 1``, subject ids ``(N,)`` int32.
   download;
 * ``npz.py``: users' own data, a ``.npz`` file with ``X_train (N, T, C)``, ``y_train (N,)``,
   ``X_test``, ``y_test``, optionally ``X_val``, ``y_val`` and ``subjects_train (N,)``;
-* ``dataset.py``: :class:`Split`, :class:`Dataset` and :class:`DataError`, raised for every
-  problem with the data itself.
+* ``dataset.py``: :class:`Split`, :class:`Dataset`, :class:`DataError`, raised for every
+  problem with the data itself, and :class:`DataSettingsError`, for settings that do not fit the
+  data (an unknown spec, a validation split that leaves a part empty).
 
 Command line: ``python -m experiments.data [--data-dir DIR] [--spec SPEC]`` prints a summary.
 """
 
-from experiments.data.dataset import DataError, Dataset, Split
+from experiments.data.dataset import DataError, Dataset, DataSettingsError, Split
 from experiments.data.download import (
     UCI_HAR_CHANNELS,
     UCI_HAR_FOLDER,
@@ -24,7 +25,7 @@ from experiments.data.download import (
     UCI_HAR_URL,
     resolve_data_dir,
 )
-from experiments.data.splits import load_dataset
+from experiments.data.splits import check_dataset_spec, load_dataset
 from experiments.data.uci_har import load_uci_har
 
 __all__ = [
@@ -33,8 +34,10 @@ __all__ = [
     "UCI_HAR_SHA256",
     "UCI_HAR_URL",
     "DataError",
+    "DataSettingsError",
     "Dataset",
     "Split",
+    "check_dataset_spec",
     "load_dataset",
     "load_uci_har",
     "resolve_data_dir",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments import cli
-from experiments.data.dataset import DataError, Dataset
+from experiments.data.dataset import DataError, Dataset, DataSettingsError
 from experiments.data.download import resolve_data_dir, user_cache_dir
 from experiments.data.splits import load_dataset
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except DataError as exc:
         return cli.report_error(exc, cli.FAILED)
-    except ValueError as exc:  # an unknown spec, a validation split that leaves nothing
+    except DataSettingsError as exc:  # an unknown spec, a validation split that leaves nothing
         return cli.report_error(exc, cli.USAGE)
     if args.spec == "uci_har":
         print(f"data dir: {resolve_data_dir(args.data_dir)}")

@@ -15,6 +15,12 @@ class DataError(ValueError):
     """The data is missing, corrupt or malformed; the message names the file and what is wrong."""
 
 
+class DataSettingsError(ValueError):
+    """Settings that do not fit the data: an unknown dataset spec, or a validation split that
+    would leave the training or the validation part empty. A usage error, not a problem of the
+    data itself."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One part of a dataset.

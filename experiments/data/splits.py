@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from experiments.data.dataset import Dataset, Split
+from experiments.data.dataset import Dataset, DataSettingsError, Split
 from experiments.data.npz import load_npz
 from experiments.data.uci_har import load_uci_har
 
@@ -28,7 +28,7 @@ def _split_by_subject(split: Split, count: int, rng: np.random.Generator) -> tup
     """Hold out ``count`` whole subjects, drawn by ``rng``: (rest, held out)."""
     subjects = np.unique(split.subjects)
     if count >= len(subjects):
-        raise ValueError(
+        raise DataSettingsError(
             f"validation_subjects={count}, but the training data has only {len(subjects)} subjects"
         )
     held_out = rng.choice(subjects, size=count, replace=False)
@@ -43,12 +43,21 @@ def _split_by_fraction(
     rows = len(split.y)
     count = round(fraction * rows)
     if not 0 < count < rows:
-        raise ValueError(
-            f"validation_fraction={fraction} of {rows} training rows leaves an empty split"
+        left = "no training rows" if count else "no validation rows"
+        raise DataSettingsError(
+            f"validation_fraction={fraction} holds out {count} of the {rows} training rows, "
+            f"leaving {left}"
         )
     mask = np.zeros(rows, dtype=bool)
     mask[rng.permutation(rows)[:count]] = True
     return _select(split, ~mask), _select(split, mask)
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Raises :class:`DataSettingsError` unless ``spec`` names a dataset: ``"uci_har"`` or
+    ``"npz:PATH"`` (the file itself is checked when it is loaded)."""
+    if spec != "uci_har" and not (spec.startswith("npz:") and len(spec) > len("npz:")):
+        raise DataSettingsError(f"unknown dataset spec {spec!r}; expected 'uci_har' or 'npz:PATH'")
 
 
 def load_dataset(
@@ -82,20 +91,19 @@ def load_dataset(
     Returns:
         The :class:`Dataset`.
     """
+    check_dataset_spec(spec)
     if validation_subjects < 0:
-        raise ValueError(f"validation_subjects must be >= 0, got {validation_subjects}")
+        raise DataSettingsError(f"validation_subjects must be >= 0, got {validation_subjects}")
     if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise DataSettingsError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     if spec == "uci_har":
         train, test, class_names = load_uci_har(data_dir)
         val, name = None, "uci_har"
-    elif spec.startswith("npz:"):
+    else:
         path = pathlib.Path(spec.removeprefix("npz:")).expanduser()
         train, val, test, num_classes = load_npz(path)
         class_names = tuple(str(label) for label in range(num_classes))
         name = path.stem
-    else:
-        raise ValueError(f"unknown dataset spec {spec!r}; expected 'uci_har' or 'npz:PATH'")
 
     rng = np.random.default_rng(seed)
     if val is None and train.subjects is not None and validation_subjects > 0:
