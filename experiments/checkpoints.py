@@ -26,12 +26,16 @@ see :func:`experiments.report.selection_score`; ties go to the later step).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +57,11 @@ SCORE_KEY = "selection_score"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder holds no usable checkpoint, or a requested step is unusable."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a lost mount); the earlier ones are
+    intact and the run can be resumed from the latest of them."""
 
 
 def _step_files(step_dir: pathlib.Path) -> Iterator[pathlib.Path]:
@@ -128,6 +137,7 @@ class CheckpointStore:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
         self.bad_steps: dict[int, str] = {}
+        self._failed_save_logs: _HeldRecords | None = None
         if self.directory.is_dir():
             self._set_aside_bad_steps()
         preservation = checkpoint_managers.AnyPreservationPolicy(
@@ -164,7 +174,18 @@ class CheckpointStore:
 
     def close(self) -> None:
         """Waits for pending work and releases Orbax's resources."""
+        # Orbax's close() does not wait for the clean-up of temporary folders that its
+        # constructor started in a thread; a process that exits right after (a run refused at
+        # once) would see that thread fail during the interpreter's shutdown.
+        self._manager._maybe_await_cleanup_tmp_directory()
         self._manager.close()
+        if self._failed_save_logs is not None:
+            # Orbax keeps the failed save's asyncio tasks until it is released; collected, they
+            # log the errors that the save's CheckpointSaveError already reported.
+            del self._manager
+            gc.collect()
+            self._failed_save_logs.remove()
+            self._failed_save_logs = None
 
     def step_dir(self, step: int) -> pathlib.Path:
         """The folder of checkpoint ``step`` (whether or not it exists)."""
@@ -179,16 +200,47 @@ class CheckpointStore:
 
         Synchronous: when this returns, the step is on disk with its manifest, and steps that
         fell out of the retention policy are deleted.
+
+        Raises:
+            CheckpointSaveError: the step could not be written (e.g. the disk is full); what was
+                written of it is incomplete and set aside when the store is next opened, the
+                earlier steps are intact. The errors that Orbax's threads log about the same
+                failure are not shown: the exception says it once.
         """
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            metrics={SCORE_KEY: float(selection_score)},
+        intact = self.latest_step()
+        threads_before = set(threading.enumerate())
+        held = _HeldRecords()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+                ),
+                metrics={SCORE_KEY: float(selection_score)},
+            )
+            self._manager.wait_until_finished()
+            write_manifest(self.step_dir(step))
+            failure = None
+        except (OSError, ValueError) as err:  # Orbax and TensorStore raise either
+            failure = _failure_reason(err)
+        if failure is None:
+            held.release()
+            return
+        # The save's other threads may go on writing, and failing, after the first error: they
+        # are waited for, and their records held until the store is closed.
+        for thread in set(threading.enumerate()) - threads_before:
+            with contextlib.suppress(Exception):  # Orbax's threads raise their error on join
+                thread.join(_THREAD_WAIT_SECONDS)
+        self._failed_save_logs = held
+        kept = (
+            f"the checkpoint of epoch {intact} is intact"
+            if intact is not None
+            else "no earlier checkpoint exists"
         )
-        self._manager.wait_until_finished()
-        write_manifest(self.step_dir(step))
+        raise CheckpointSaveError(
+            f"could not save the checkpoint of epoch {step} in {self.directory} ({failure}); "
+            f"{kept}: resume the run (--resume) once the problem is solved"
+        )
 
     def restore(
         self,
@@ -279,6 +331,50 @@ class CheckpointStore:
         )
         # The step is gone from disk, so it no longer blocks saving that step again.
         del self.bad_steps[step]
+
+
+#: The loggers through which Orbax's threads and asyncio report the failures of a save, which
+#: :meth:`CheckpointStore.save` then raises itself.
+_BACKGROUND_LOGGERS = ("absl", "asyncio")
+#: How long a failed save waits for each of the threads it started to end.
+_THREAD_WAIT_SECONDS = 60.0
+
+
+class _HeldRecords(logging.Filter):
+    """Holds back every record of the :data:`_BACKGROUND_LOGGERS` from its creation until
+    :meth:`release` (which logs them) or :meth:`remove` (which drops them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        for name in _BACKGROUND_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def remove(self) -> None:
+        """Stops holding records back, dropping those held."""
+        for name in _BACKGROUND_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+    def release(self) -> None:
+        """Stops holding records back, logging those held."""
+        self.remove()
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
+
+def _failure_reason(error: BaseException) -> str:
+    """A failed write's reason in a few words: the operating system's (``[Errno 28] No space
+    left on device``), also when TensorStore wraps it in its own message; else the message."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code is not None:
+        return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
+    return " ".join(str(error).split())
 
 
 def _score(metrics: dict[str, float]) -> float:

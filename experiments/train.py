@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import cli, report
-from experiments.checkpoints import CheckpointStore
+from experiments.checkpoints import CheckpointError, CheckpointSaveError, CheckpointStore
 from experiments.config import (
     DEFAULT_RECIPE,
     RECIPES,
@@ -51,6 +51,7 @@ from experiments.config import (
     add_field_arguments,
     check_remat_chunk_length,
     check_same_config,
+    config_differences,
     load_config_dataset,
     load_config_file,
     recipe_text,
@@ -138,16 +139,77 @@ def _check_training_loss(loss: float, *, epoch: int, step: int) -> None:
         )
 
 
+def _saved_config(path: pathlib.Path) -> dict[str, Any]:
+    """A run's ``config.json`` (ConfigError if it cannot be read as a JSON object)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return saved
+
+
+def _check_run_folder(
+    out: pathlib.Path, config: TrainConfig, *, resume: bool, overwrite: bool
+) -> None:
+    """Raises ConfigError unless the folder ``out`` may receive this run.
+
+    * ``out`` must not be a file.
+    * Resuming, ``out`` must hold a run (its ``config.json`` or ``checkpoints/``), with the same
+      configuration (:func:`~experiments.config.check_same_config`).
+    * Otherwise ``out`` must be absent, empty, or hold this run before its first checkpoint (its
+      ``config.json``, with the same configuration: it starts again), unless ``overwrite``; a
+      folder with ``checkpoints/`` is refused later, when the checkpoints are open.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a run folder; choose another --out")
+    config_path = out / "config.json"
+    holds_run = config_path.is_file() or (out / "checkpoints").is_dir()
+    if resume:
+        if not holds_run:
+            found = "does not exist" if not out.exists() else "holds no run (no config.json)"
+            raise ConfigError(
+                f"nothing to resume: {out} {found}; check --out, or start a new run there "
+                "without --resume"
+            )
+        if config_path.is_file():
+            check_same_config(_saved_config(config_path), config, out)
+        return
+    entries = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if not entries or overwrite or (out / "checkpoints").is_dir():
+        return
+    if config_path.is_file():
+        differences = config_differences(_saved_config(config_path), config)
+        if not differences:
+            return
+        found = "another run (its configuration differs in " + "; ".join(differences) + ")"
+    else:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        found = f"{len(entries)} other file(s) and folder(s) ({shown})"
+    raise ConfigError(
+        f"{out} already exists and holds {found}; choose another --out, or --overwrite to "
+        "write this run into it (replacing its files of the same names)"
+    )
+
+
 def train(
-    config: TrainConfig, *, resume: bool = False, epoch_callback: EpochCallback | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    epoch_callback: EpochCallback | None = None,
 ) -> dict[str, Any]:
     """Runs a whole training: data, model, epochs with checkpoints, final report.
 
     Args:
         config: the run's settings; ``config.out`` None means ``runs/<date>-<time>-<model>``.
-        resume: continue the run in ``config.out`` from its latest good checkpoint (an empty or
-            absent folder starts from scratch). Without it, a folder that already holds
-            checkpoints is refused.
+        resume: continue the run in ``config.out`` from its latest good checkpoint (a run
+            folder without one starts from epoch 1); a folder without a run is refused.
+            Without it, a folder that already holds checkpoints is refused.
+        overwrite: let ``config.out`` be an existing folder that holds other files (those of
+            the run's names are replaced); without it, only an absent or empty folder, or one
+            that holds this run before its first checkpoint, is used.
         epoch_callback: called after every epoch, once that epoch's checkpoint is on disk, as
             ``epoch_callback(metrics, checkpoint_dir)``: ``metrics`` is the epoch's line of
             ``metrics.jsonl`` (``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
@@ -166,8 +228,8 @@ def train(
         The report (also written to ``OUT/report.json``; see :func:`experiments.report.build`).
 
     Raises:
-        ConfigError: invalid configuration, existing checkpoints without ``resume``, or a run to
-            resume whose configuration differs.
+        ConfigError: invalid configuration, an unusable run folder (see ``resume`` and
+            ``overwrite``), or a run to resume whose configuration differs.
         NonFiniteLossError: the training loss became NaN or infinite (the last good checkpoint
             is kept).
         experiments.data.DataError: unusable data.
@@ -182,16 +244,18 @@ def train(
         dataset=absolute_dataset_spec(config.dataset),
         data_dir=None if config.data_dir is None else absolute_path(config.data_dir),
     )
-    config_path = out / "config.json"
-    if resume and config_path.is_file():
-        check_same_config(json.loads(config_path.read_text()), config, out)
+    _check_run_folder(out, config, resume=resume, overwrite=overwrite)
+    # The data and the settings that depend on it are checked before anything is written.
+    dataset = load_config_dataset(config)
+    steps_per_epoch = _steps_per_epoch(config, dataset)
+    check_remat_chunk_length(config.remat_chunk_length, dataset)
     out.mkdir(parents=True, exist_ok=True)
     with CheckpointStore(out / "checkpoints") as store:
         if store.latest_step() is not None and not resume:
             raise ConfigError(
                 f"{out} already holds checkpoints; resume it (--resume) or choose another --out"
             )
-        return _train_in(out, config, store, started, epoch_callback)
+        return _train_in(out, config, dataset, steps_per_epoch, store, started, epoch_callback)
 
 
 @dataclasses.dataclass
@@ -339,14 +403,14 @@ def _epoch_metrics(
 def _train_in(
     out: pathlib.Path,
     config: TrainConfig,
+    dataset: Dataset,
+    steps_per_epoch: int,
     store: CheckpointStore,
     started: float,
     epoch_callback: EpochCallback | None,
 ) -> dict[str, Any]:
-    """The body of :func:`train`, with the run folder prepared and its checkpoints open."""
-    dataset = load_config_dataset(config)
-    steps_per_epoch = _steps_per_epoch(config, dataset)
-    check_remat_chunk_length(config.remat_chunk_length, dataset)
+    """The body of :func:`train`, with the data loaded, the run folder prepared and its
+    checkpoints open."""
     model = build_model(config, dataset.num_classes)
     tx = make_optimizer(config, steps_per_epoch)
     averaged = config.ema_decay > 0
@@ -426,7 +490,8 @@ def _train_in(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: one flag per TrainConfig field
-    (:func:`~experiments.config.add_field_arguments`), plus --recipe, --config and --resume."""
+    (:func:`~experiments.config.add_field_arguments`), plus --recipe, --config, --resume and
+    --overwrite."""
     parser = cli.command_parser(
         "experiments.train",
         __doc__,
@@ -449,38 +514,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON object of settings, keys = the long flag names with '_' for '-' (e.g. "
         '{"learning_rate": 0.005, "residual_stacking": false}); unknown keys are an error',
     )
-    parser.add_argument(
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its latest good checkpoint (its configuration "
         "must match, except --epochs, --remat-chunk-length, --data-dir and --progress)",
     )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out be an existing folder that holds other files: those of the run's names "
+        "are replaced (a folder with checkpoints still needs --resume or another --out)",
+    )
     add_field_arguments(parser)
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
-    """Parses the command line into ``(config, resume)``.
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str, bool]]:
+    """Parses the command line into ``(config, options)``, ``options`` being the keyword
+    arguments ``resume`` and ``overwrite`` of :func:`train`.
 
     Raises:
         ConfigError: a bad config file or invalid values.
     """
     args = vars(build_parser().parse_args(argv))
-    recipe, config_file, resume = args.pop("recipe"), args.pop("config"), args.pop("resume")
+    recipe, config_file = args.pop("recipe"), args.pop("config")
+    options = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
     values = load_config_file(config_file) if config_file else {}
-    return TrainConfig.from_dict({**RECIPES[recipe], **values, **args}), resume
+    return TrainConfig.from_dict({**RECIPES[recipe], **values, **args}), options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 success, 1 failed run, 2 usage)."""
     cli.configure_logging()
     try:
-        config, resume = config_from_args(argv)
-        result = train(config, resume=resume)
-    except ConfigError as err:
-        return cli.report_error(err, cli.USAGE)
-    except (NonFiniteLossError, DataError) as err:
+        config, options = config_from_args(argv)
+        result = train(config, **options)
+    except (NonFiniteLossError, DataError, CheckpointSaveError) as err:
         return cli.report_error(err, cli.FAILED)
+    except (ConfigError, CheckpointError) as err:
+        return cli.report_error(err, cli.USAGE)
     print(json.dumps({"report": str(pathlib.Path(result["run"]) / "report.json")}))
     return cli.OK
 

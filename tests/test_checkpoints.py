@@ -7,6 +7,7 @@ import json
 import logging
 import pathlib
 import shutil
+import threading
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -162,3 +163,19 @@ def test_resume_with_a_changed_hyperparameter_names_it(
         train_module.train(dataclasses.replace(config, features=6, num_heads=3), resume=True)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train_module.train(config)
+
+
+def test_closing_a_store_leaves_none_of_its_threads_running(tmp_path: pathlib.Path) -> None:
+    """Orbax cleans up temporary folders in a thread that it starts when a store opens; closing
+    the store waits for it, so that a command refused right after opening one (e.g. a run
+    folder that already holds checkpoints) does not end with that thread's traceback at the
+    interpreter's shutdown."""
+    save_steps(tmp_path, [0.5])
+    (tmp_path / "2.orbax-checkpoint-tmp-1700000000").mkdir()  # what a crash leaves
+    for _ in range(5):
+        before = set(threading.enumerate())
+        CheckpointStore(tmp_path).close()
+        # (A closed event loop's executor threads, "asyncio_<n>", end on their own.)
+        started = set(threading.enumerate()) - before
+        assert [thread.name for thread in started if not thread.name.startswith("asyncio_")] == []
+    assert not (tmp_path / "2.orbax-checkpoint-tmp-1700000000").exists()

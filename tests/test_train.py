@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import pathlib
+import resource
 import shutil
+import signal
 from typing import Any
 
 import jax
@@ -336,13 +338,9 @@ def test_help_lists_every_flag(capsys) -> None:
 def test_config_file_and_flag_precedence(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"features": 16, "num_heads": 4, "residual_stacking": False}))
-    config, resume = train_module.config_from_args(["--config", str(path), "--num-heads", "8"])
-    assert (config.features, config.num_heads, config.residual_stacking, resume) == (
-        16,
-        8,
-        False,
-        False,
-    )
+    config, options = train_module.config_from_args(["--config", str(path), "--num-heads", "8"])
+    assert (config.features, config.num_heads, config.residual_stacking) == (16, 8, False)
+    assert options == {"resume": False, "overwrite": False}
     assert config.learning_rate == TrainConfig().learning_rate
 
     path.write_text(json.dumps({"features": 16, "featres": 8}))
@@ -695,3 +693,175 @@ def test_diverged_evaluation_does_not_stop_the_run(
     assert figures["selection"]["epoch"] == 6
     assert figures["test_diverged"] == 60
     assert "60 of 60 test sequences diverged with the model of epoch 6" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad settings and run folders: one line, exit status 2, nothing written
+
+
+def without_validation_split(path: pathlib.Path, **extra: np.ndarray) -> pathlib.Path:
+    """The 96 training rows of ``make_dataset`` without its X_val/y_val (and ``extra`` arrays)."""
+    arrays = dict(np.load(make_dataset(path.with_name("source.npz"), train_rows=96)))
+    del arrays["X_val"], arrays["y_val"]
+    np.savez(path, **arrays, **extra)
+    return path
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``python -m experiments.train ARGV`` in this process: (exit status, standard error)."""
+    status = train_module.main(argv)
+    return status, capsys.readouterr().err
+
+
+def test_settings_that_do_not_fit_the_data_are_usage_errors_before_anything_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown dataset, a validation split that leaves no training rows, more validation
+    subjects than the data has, a batch larger than the data: one line, exit status 2, and no
+    run folder."""
+    plain = without_validation_split(tmp_path / "plain.npz")
+    subjects = without_validation_split(tmp_path / "subjects.npz", subjects_train=np.arange(96) % 3)
+    out = tmp_path / "run"
+    tiny = ["--hidden", "8", "--heads", "2", "--window", "4", "--layers", "1", "--out", str(out)]
+    refused = {
+        ("--dataset", "foo"): (
+            "dataset: unknown dataset spec 'foo'; expected 'uci_har' or 'npz:PATH'"
+        ),
+        ("--dataset", f"npz:{plain}", "--validation-fraction", "0.999"): (
+            "validation_fraction=0.999 holds out 96 of the 96 training rows, leaving no "
+            "training rows"
+        ),
+        ("--dataset", f"npz:{subjects}"): (
+            "validation_subjects=4, but the training data has only 3 subjects"
+        ),
+        ("--dataset", f"npz:{plain}", "--batch-size", "5000"): (
+            "batch_size 5000 exceeds the 77 training rows"
+        ),
+    }
+    for flags, message in refused.items():
+        assert run_main([*tiny, *flags], capsys) == (2, f"error: {message}\n")
+        assert not out.exists()
+
+
+def test_run_folders_that_are_not_this_runs_are_refused_unless_asked(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out naming a file, a folder of other files or another run's folder is refused without
+    touching them; --resume on a folder without a run is refused instead of starting a new
+    run; --overwrite writes the run into a folder of other files, leaving the others as they
+    were; a run stopped before its first checkpoint starts again in its own folder."""
+    data = without_validation_split(tmp_path / "toy.npz")
+    flags = ["--dataset", f"npz:{data}", "--model", "lstm", "--hidden", "8", "--layers", "1"]
+    flags += ["--epochs", "1", "--batch-size", "16", "--no-progress"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes\n")
+    assert run_main([*flags, "--out", str(a_file)], capsys) == (
+        2,
+        f"error: {a_file} is a file, not a run folder; choose another --out\n",
+    )
+    assert a_file.read_text() == "my notes\n"
+
+    folder = tmp_path / "papers"
+    folder.mkdir()
+    for name in ("report.json", "summary.csv", "thesis.tex", "z.png"):
+        (folder / name).write_text(f"{name} of mine\n")
+    assert run_main([*flags, "--out", str(folder)], capsys) == (
+        2,
+        f"error: {folder} already exists and holds 4 other file(s) and folder(s) (report.json, "
+        "summary.csv, thesis.tex, ...); choose another --out, or --overwrite to write this run "
+        "into it (replacing its files of the same names)\n",
+    )
+    assert run_main([*flags, "--out", str(folder), "--resume"], capsys) == (
+        2,
+        f"error: nothing to resume: {folder} holds no run (no config.json); check --out, or "
+        "start a new run there without --resume\n",
+    )
+    typo = tmp_path / "rnu"
+    assert run_main([*flags, "--out", str(typo), "--resume"], capsys) == (
+        2,
+        f"error: nothing to resume: {typo} does not exist; check --out, or start a new run "
+        "there without --resume\n",
+    )
+    assert not typo.exists()
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "report.json",
+        "summary.csv",
+        "thesis.tex",
+        "z.png",
+    ]
+    assert (folder / "report.json").read_text() == "report.json of mine\n"
+
+    assert run_main([*flags, "--out", str(folder), "--overwrite"], capsys)[0] == 0
+    assert json.loads((folder / "report.json").read_text())["run"] == str(folder)
+    assert (folder / "thesis.tex").read_text() == "thesis.tex of mine\n"
+    assert len(read_lines(folder / "metrics.jsonl")) == 1
+
+    # Another run's folder (here: this one, with another learning rate) is named as such.
+    other = tmp_path / "other"
+    other.mkdir()
+    saved = json.loads((folder / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**saved, "learning_rate": 0.5}))
+    assert run_main([*flags, "--out", str(other)], capsys) == (
+        2,
+        f"error: {other} already exists and holds another run (its configuration differs in "
+        "learning_rate: 0.5 in the run, 0.006026 now); choose another --out, or --overwrite to "
+        "write this run into it (replacing its files of the same names)\n",
+    )
+    # This run's folder before its first checkpoint (a run stopped in epoch 1) starts again.
+    (other / "config.json").write_text(json.dumps({**saved, "out": str(other), "epochs": 3}))
+    assert run_main([*flags, "--out", str(other)], capsys)[0] == 0
+    assert len(read_lines(other / "metrics.jsonl")) == 1
+
+
+@pytest.fixture
+def file_size_limit() -> Any:
+    """``limit(bytes)``: from then on until the test ends, this process cannot write a file
+    beyond ``bytes`` (its writes fail with EFBIG, as they would with ENOSPC on a full disk)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a fatal signal
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_resumes(
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    file_size_limit: Any,
+) -> None:
+    """Epoch 2's checkpoint cannot be written: one line says so and that epoch 1's is intact
+    (exit status 1), not Orbax's tracebacks; --resume then trains epochs 2 and 3."""
+    data = without_validation_split(tmp_path / "toy.npz")
+    out = tmp_path / "run"
+    flags = ["--dataset", f"npz:{data}", "--model", "lstm", "--hidden", "8", "--layers", "1"]
+    flags += ["--epochs", "3", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    save = CheckpointStore.save
+
+    def save_into_a_full_disk(store: CheckpointStore, step: int, *args: Any) -> None:
+        if step == 2:
+            file_size_limit(1000)
+        save(store, step, *args)
+
+    monkeypatch.setattr(CheckpointStore, "save", save_into_a_full_disk)
+    assert run_main(flags, capsys) == (
+        1,
+        f"error: could not save the checkpoint of epoch 2 in {out / 'checkpoints'} ([Errno 27] "
+        "File too large); the checkpoint of epoch 1 is intact: resume the run (--resume) once "
+        "the problem is solved\n",
+    )
+    file_size_limit(resource.RLIM_INFINITY)
+    monkeypatch.undo()
+    first = read_lines(out / "metrics.jsonl")
+    assert [line["epoch"] for line in first] == [1]
+    assert verify_step(out / "checkpoints" / "1") is None
+
+    assert run_main([*flags, "--resume"], capsys) == (
+        0,
+        f"INFO experiments.train: resuming {out} from the checkpoint of epoch 1\n",
+    )
+    resumed = read_lines(out / "metrics.jsonl")
+    assert [line["epoch"] for line in resumed] == [1, 2, 3]
+    assert resumed[0] == first[0]
+    with CheckpointStore(out / "checkpoints", read_only=True) as store:
+        assert store.steps() == [1, 2, 3]
