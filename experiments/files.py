@@ -4,7 +4,9 @@
   so that a crash leaves either the old file or the new one, never a part of one (run
   configurations, metrics, checkpoint manifests, predictions, the parsed-data cache);
 * :func:`sha256_file`: the SHA-256 of a file, read in blocks (the UCI HAR files, checkpoint
-  manifests).
+  manifests);
+* :func:`check_output_file`: a command's output file checked before the command does any work:
+  its folder exists, and it is none of the command's inputs.
 
 Only the standard library: the dataset code imports this module without the pipeline's extras.
 """
@@ -15,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any, Literal
 
 
@@ -68,3 +70,31 @@ def sha256_file(path: os.PathLike[str] | str) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class OutputPathError(ValueError):
+    """A path that a command cannot, or must not, write its output to."""
+
+
+def check_output_file(
+    path: os.PathLike[str] | str, *, inputs: Iterable[os.PathLike[str] | str] = ()
+) -> pathlib.Path:
+    """``path`` as a :class:`pathlib.Path`, once checked that a file can be written there
+    without destroying anything: it is not a folder, its folder exists, and it is none of
+    ``inputs`` (the command's input files), not even under another name (a link).
+
+    Raises:
+        OutputPathError: the problem, naming ``path``.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
+    for source in inputs:
+        if path.exists() and os.path.exists(source) and os.path.samefile(path, source):
+            raise OutputPathError(
+                f"{path} is the input file {source}: writing there would destroy it; choose "
+                "another output file"
+            )
+    return path

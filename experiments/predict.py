@@ -53,7 +53,7 @@ from experiments import cli
 from experiments.checkpoints import CheckpointError
 from experiments.config import ConfigError
 from experiments.data import DataError
-from experiments.files import write_text_atomically
+from experiments.files import OutputPathError, check_output_file, write_text_atomically
 from experiments.prediction.inputs import STDIN, InputError, read_input, time_steps
 from experiments.prediction.predictor import Predictor
 from experiments.prediction.writers import FORMATS, PredictionWriter, output_format
@@ -98,7 +98,12 @@ def classify_file(
 
 
 def run_stream(
-    predictor: Predictor, lines: Iterable[str], stride: int, out: TextIO, err: TextIO, kind: str
+    predictor: Predictor,
+    lines: Iterable[str | bytes],
+    stride: int,
+    out: TextIO,
+    err: TextIO,
+    kind: str,
 ) -> dict[str, Any]:
     """Classifies the stream ``lines`` (one time step each) as ``--stream`` does: predictions to
     ``out`` as they come, bad lines reported to ``err`` and skipped. Returns the summary."""
@@ -108,7 +113,7 @@ def run_stream(
     skipped = predictions = 0
     stopped = None
     try:
-        for _, values in time_steps(lines, predictor.channels, STDIN):
+        for _, values in time_steps(lines, predictor.preprocessing, STDIN):
             if isinstance(values, InputError):
                 skipped += 1
                 print(f"error: {values}; skipped", file=err, flush=True)
@@ -180,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--stride must be >= 1, got {args.stride}")
     kind = output_format(args.output, args.format)
     try:
+        if args.output is not None:
+            check_output_file(args.output, inputs=[args.input] if args.input else [])
+    except OutputPathError as err:
+        return cli.report_error(f"--output {err}", cli.USAGE)
+    try:
         predictor = Predictor.from_run(args.checkpoint, step=args.step, data_dir=args.data_dir)
         stride = args.stride or max(1, predictor.window_length // 2)
         if args.stream:
@@ -204,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stream(predictor: Predictor, stride: int, kind: str, output: str | None) -> int:
     """``--stream``: standard input to ``output`` (or standard output) until the input ends."""
-    lines = iter(sys.stdin.readline, "")
+    # Bytes, decoded line by line: a byte that is not UTF-8 spoils its line only, whatever the
+    # decoding of sys.stdin (PYTHONIOENCODING, the locale).
+    lines = iter(sys.stdin.buffer.readline, b"")
     with open(output, "w") if output else contextlib.nullcontext(sys.stdout) as out:
         summary = run_stream(predictor, lines, stride, out, sys.stderr, kind)
     if summary.get("stopped") == "output closed" and output is None:

@@ -6,7 +6,9 @@ import io
 import json
 import logging
 import pathlib
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -388,6 +390,104 @@ def test_bad_npz_input_and_run_folders(
         args = ["--checkpoint", str(checkpoint), "--input", str(data)]
         assert predict.main([*args, *(["--step", step] if step else [])]) == 2
         assert errors(capsys.readouterr().err) == [f"error: {message}"]
+
+
+def test_values_the_standardisation_takes_beyond_float32_are_refused(
+    run: pathlib.Path, predictor: Predictor, series: np.ndarray, tmp_path: pathlib.Path, capsys
+) -> None:
+    """3e38 is a float32, but (3e38 - mean) / std is not when std < 1: such a value is named
+    in a file (exit status 2, no predictions), skipped in a stream, refused by the library,
+    instead of NaN probabilities counted as class 0."""
+    mean, std = predictor.preprocessing.channel_mean[1], predictor.preprocessing.channel_std[1]
+    assert std < 1
+    problem = (
+        f"is too large for the run's standardisation: (x - {mean:.6g}) / {std:.6g} overflows "
+        "float32"
+    )
+    rows = [",".join(repr(float(v)) for v in row) for row in series[:20]]
+    rows[3] = "0,3e38,0"
+    path = tmp_path / "huge.csv"
+    path.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "out.csv"
+    capsys.readouterr()
+    args = ["--checkpoint", str(run), "--input", str(path), "--output", str(output)]
+    assert predict.main(args) == 2
+    assert errors(capsys.readouterr().err) == [f"error: {path}: line 4: value 2, '3e38', {problem}"]
+    assert not output.exists()
+
+    windows = np.stack([series[:T], series[5 : 5 + T]]).copy()
+    windows[1, 7, 1] = 3e38
+    huge = npz(tmp_path / "huge.npz", X=windows)
+    assert predict.main(["--checkpoint", str(run), "--input", str(huge)]) == 2
+    assert errors(capsys.readouterr().err) == [f"error: {huge}: X[1, 7, 1] = 3e+38 {problem}"]
+    with pytest.raises(ValueError, match=re.escape(f"x[1, 7, 1] = 3e+38 {problem}")):
+        predictor.predict(windows)
+
+    err = io.StringIO()
+    summary = predict.run_stream(
+        predictor, [row + "\n" for row in rows], 5, io.StringIO(), err, "csv"
+    )
+    assert err.getvalue() == f"error: <stdin>: line 4: value 2, '3e38', {problem}; skipped\n"
+    assert (summary["samples"], summary["skipped_lines"]) == (19, 1)
+
+
+def test_bytes_that_are_not_utf8_spoil_their_line_only(
+    run: pathlib.Path,
+    series: np.ndarray,
+    tmp_path: pathlib.Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte that is not UTF-8 in a number: the stream reports the line and goes on, even when
+    standard input decodes strictly (PYTHONIOENCODING=utf-8:strict, some locales); a file names
+    the line."""
+    rows = [",".join(repr(float(v)) for v in row).encode() for row in series[:20]]
+    rows[2] += b"\xff"
+    data = b"\n".join(rows) + b"\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), errors="strict"))
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(run), "--stream", "--stride", "5"]) == 0
+    captured = capsys.readouterr()
+    token = series[2, 2].item().__repr__() + "\ufffd"
+    message = f"line 3: value 3, {token!r}, is not a number: the line is not UTF-8 text"
+    assert errors(captured.err) == [f"error: <stdin>: {message}; skipped"]
+    assert len(captured.out.splitlines()) == 1 + 2  # the header, windows at steps 0 and 5
+    summary = json.loads(captured.err[captured.err.index("{") :])
+    assert (summary["samples"], summary["skipped_lines"]) == (19, 1)
+
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"temp\xe9rature,x,y\n" + data)  # a Latin-1 header is still a header
+    assert predict.main(["--checkpoint", str(run), "--input", str(path)]) == 2
+    assert errors(capsys.readouterr().err) == [
+        f"error: {path}: line 4: value 3, {token!r}, is not a number: the line is not UTF-8 text"
+    ]
+
+
+def test_an_output_that_would_destroy_the_input_or_cannot_be_written_is_refused_first(
+    run: pathlib.Path, series: np.ndarray, tmp_path: pathlib.Path, capsys
+) -> None:
+    """--output naming the --input file (or a link to it), a missing folder or a folder: one
+    line, exit status 2, before the model is loaded; the input is left as it was."""
+    source = write_csv(tmp_path / "v.csv", series)
+    before = source.read_bytes()
+    link = tmp_path / "link.csv"
+    link.symlink_to(source)
+    missing = tmp_path / "missing" / "p.csv"
+    refused = {
+        source: f"{source} is the input file {source}: writing there would destroy it; choose "
+        "another output file",
+        link: f"{link} is the input file {source}: writing there would destroy it; choose "
+        "another output file",
+        missing: f"{missing}: the folder {missing.parent} does not exist",
+        tmp_path: f"{tmp_path} is a folder, not a file",
+    }
+    capsys.readouterr()
+    for output, message in refused.items():
+        args = ["--checkpoint", str(run), "--input", str(source), "--output", str(output)]
+        assert predict.main(args) == 2
+        assert capsys.readouterr().err == f"error: --output {message}\n"
+    assert source.read_bytes() == before
+    assert not missing.parent.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,29 +24,36 @@ import numpy as np
 
 from experiments.data import DataError
 from experiments.data.npz import check_column, check_inputs, read_arrays
-from experiments.preprocessing import Preprocessing
+from experiments.preprocessing import InputRangeError, Preprocessing
 
 #: How errors name standard input.
 STDIN = "<stdin>"
+#: What a byte that is not UTF-8 reads as (U+FFFD, the replacement character).
+NOT_UTF8 = "\ufffd"
 
 
 class InputError(ValueError):
     """Input that cannot be classified; the message names the file (or ``<stdin>``) and line."""
 
 
-def parse_time_step(line: str, channels: int, where: str, number: int) -> np.ndarray | None:
+def parse_time_step(
+    line: str, preprocessing: Preprocessing, where: str, number: int
+) -> np.ndarray | None:
     """One line of text input → its ``(C,)`` float32 values; None for a blank or ``#`` line.
 
-    Values are separated by commas when the line has any, else by white space.
+    Values are separated by commas when the line has any, else by white space; ``C`` is the
+    run's number of channels.
 
     Raises:
         InputError: ``"<where>: line <number>: ..."``: the wrong number of values, a value
-            that is not a number, or one that is NaN or infinite (or beyond float32).
+            that is not a number (or not UTF-8 text), one that is NaN or infinite (or beyond
+            float32), or one that the run's standardisation takes beyond float32.
     """
     text = line.strip()
     if not text or text.startswith("#"):
         return None
     tokens = [token.strip() for token in text.split(",")] if "," in text else text.split()
+    channels = preprocessing.channels
     if len(tokens) != channels:
         raise InputError(
             f"{where}: line {number}: expected {channels} values, one per channel, found "
@@ -57,8 +64,10 @@ def parse_time_step(line: str, channels: int, where: str, number: int) -> np.nda
         try:
             value = float(token)
         except ValueError:
+            undecodable = ": the line is not UTF-8 text" if NOT_UTF8 in token else ""
             raise InputError(
                 f"{where}: line {number}: value {index + 1}, {token!r}, is not a number"
+                + undecodable
             ) from None
         if not math.isfinite(value):
             raise InputError(
@@ -70,6 +79,13 @@ def parse_time_step(line: str, channels: int, where: str, number: int) -> np.nda
             raise InputError(
                 f"{where}: line {number}: value {index + 1}, {token!r}, is too large for float32"
             )
+    try:
+        preprocessing.apply(values)
+    except InputRangeError as err:
+        column = err.index[-1]
+        raise InputError(
+            f"{where}: line {number}: value {column + 1}, {tokens[column]!r}, {err.problem}"
+        ) from None
     return values
 
 
@@ -88,21 +104,23 @@ def is_header(line: str) -> bool:
 
 
 def time_steps(
-    lines: Iterable[str], channels: int, where: str
+    lines: Iterable[str | bytes], preprocessing: Preprocessing, where: str
 ) -> Iterator[tuple[int, np.ndarray | InputError]]:
-    """``(line number, values or InputError)`` for every time step of ``lines``.
+    """``(line number, values or InputError)`` for every time step of ``lines`` (text, or bytes
+    read as UTF-8; a byte that is not UTF-8 reads as U+FFFD, which no number holds).
 
     A first content line without any number is a header and skipped; blank and ``#`` lines are
     skipped. A bad line yields its :class:`InputError` instead of values, so that a stream can
     report it and go on.
     """
     seen_content = False
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        line = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
         if not seen_content and is_header(line):
             seen_content = True
             continue
         try:
-            values = parse_time_step(line, channels, where, number)
+            values = parse_time_step(line, preprocessing, where, number)
         except InputError as err:
             seen_content = True
             yield number, err
@@ -112,7 +130,7 @@ def time_steps(
             yield number, values
 
 
-def read_text(path: pathlib.Path, channels: int) -> tuple[np.ndarray, int]:
+def read_text(path: pathlib.Path, preprocessing: Preprocessing) -> tuple[np.ndarray, int]:
     """A text file's time steps ``(R, C)`` float32 and the line of the last one (0: none).
 
     Raises:
@@ -122,13 +140,13 @@ def read_text(path: pathlib.Path, channels: int) -> tuple[np.ndarray, int]:
     last_line = 0
     try:
         with path.open(encoding="utf-8", errors="replace", newline=None) as file:
-            for last_line, values in time_steps(file, channels, str(path)):  # noqa: B007
+            for last_line, values in time_steps(file, preprocessing, str(path)):  # noqa: B007
                 if isinstance(values, InputError):
                     raise values
                 rows.append(values)
     except OSError as err:
         raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
-    return np.array(rows, np.float32).reshape(len(rows), channels), last_line
+    return np.array(rows, np.float32).reshape(len(rows), preprocessing.channels), last_line
 
 
 def sliding_windows(values: np.ndarray, length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,6 +203,11 @@ def read_npz(path: pathlib.Path, preprocessing: Preprocessing) -> Sequences:
                 f"{path}: {key} has {x.shape[-1]} channels (shape {x.shape}), but the model "
                 f"was trained on {channels}"
             )
+        try:
+            preprocessing.apply(x)
+        except InputRangeError as err:
+            index = ", ".join(map(str, err.index))
+            raise InputError(f"{path}: {key}[{index}] = {err.value!s} {err.problem}") from None
         lengths = arrays.get("lengths") if key == "X" else None
         if lengths is not None:
             check_column(path, "lengths", lengths, len(x), "length")
@@ -222,7 +245,7 @@ def read_input(path: pathlib.Path, preprocessing: Preprocessing, stride: int) ->
         raise InputError(f"{path}: no such file")
     if zipfile.is_zipfile(path) or path.suffix == ".npz":
         return read_npz(path, preprocessing)
-    values, last_line = read_text(path, preprocessing.channels)
+    values, last_line = read_text(path, preprocessing)
     length = preprocessing.steps
     if len(values) < length:
         where = f"{path}: line {last_line}" if last_line else f"{path}"
