@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -22,14 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.checkpoints import CheckpointError, CheckpointStore, discover_checkpoint_dir
+from experiments.checkpoints import (
+    MANIFEST_NAME,
+    CheckpointError,
+    CheckpointStore,
+    discover_checkpoint_dir,
+)
 from experiments.config import TrainConfig, load_config_dataset
 from experiments.data import Dataset
 from experiments.steps import build_model, init_state, make_optimizer
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.typing import PyTree
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +113,12 @@ def open_checkpoint(
     Args:
         checkpoint: a run folder, its ``checkpoints`` folder, or one step folder in it.
         step: the epoch whose checkpoint to use; default: the step folder given, else the run's
-            selected epoch (:func:`experiments.report.select_epoch`), else the latest good one.
+            selected epoch (:func:`experiments.report.select_epoch`).
         data_dir: where the dataset lives, if not where the run found it.
 
     Raises:
-        CheckpointError: no usable checkpoint, or the requested step is absent or bad.
+        CheckpointError: no usable checkpoint, the requested step is absent or bad, or (no step
+            requested) the selected epoch's checkpoint is unusable or cannot be told.
     """
     directory, step_in_path = discover_checkpoint_dir(checkpoint)
     with CheckpointStore(directory, read_only=True) as store:
@@ -125,19 +128,45 @@ def open_checkpoint(
         _, meta = store.restore(latest)
         step = step if step is not None else step_in_path
         if step is None:
-            step = report.select_epoch(meta["history"])
-            if step not in store.steps():
-                log.warning(
-                    "the selected epoch %d has no usable checkpoint; using the latest, %d",
-                    step,
-                    latest,
-                )
-                step = latest
+            step = _selected_epoch(store, meta["history"])
         store.restore(step)  # CheckpointError now if that step is absent or bad
         config = TrainConfig.from_saved(meta["config"])
         if data_dir is not None:
             config = dataclasses.replace(config, data_dir=data_dir)
         yield OpenCheckpoint(store, step, config)
+
+
+def _selected_epoch(store: CheckpointStore, history: list[dict]) -> int:
+    """The run's selected epoch (:func:`experiments.report.select_epoch` over ``history``, the
+    metrics of the latest good checkpoint), if its checkpoint is usable.
+
+    Raises:
+        CheckpointError: the selected epoch's checkpoint is unusable, or a later checkpoint,
+            completed and then damaged, held metrics that could change the selection: another
+            epoch is never used in its place unasked.
+    """
+    usable = ", ".join(map(str, store.steps()))
+    latest = store.latest_step()
+    damaged = [
+        step
+        for step in store.bad_steps
+        if step > (latest or 0) and (store.step_dir(step) / MANIFEST_NAME).is_file()
+    ]
+    if damaged:
+        step = max(damaged)
+        raise CheckpointError(
+            f"the checkpoint of epoch {step} in {store.directory} is unusable "
+            f"({store.bad_steps[step]}), so the run's selected epoch cannot be told from the "
+            f"older ones; choose an epoch with --step (usable: {usable})"
+        )
+    selected = report.select_epoch(history)
+    if selected not in store.steps():
+        problem = store.bad_steps.get(selected, "it was not kept")
+        raise CheckpointError(
+            f"the run's selected epoch, {selected}, has no usable checkpoint in "
+            f"{store.directory} ({problem}); choose an epoch with --step (usable: {usable})"
+        )
+    return selected
 
 
 def restore_run(

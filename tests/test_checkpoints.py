@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from test_train import make_dataset, read_lines, tiny_config, without_timing
 
+from experiments import evaluate, report
 from experiments import train as train_module
-from experiments.checkpoints import MANIFEST_NAME, QUARANTINE_DIR, CheckpointStore
+from experiments.checkpoints import MANIFEST_NAME, QUARANTINE_DIR, CheckpointStore, write_manifest
 from experiments.config import ConfigError, TrainConfig
 
 STATE = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, "step": jnp.int32(0)}
@@ -179,3 +180,43 @@ def test_closing_a_store_leaves_none_of_its_threads_running(tmp_path: pathlib.Pa
         started = set(threading.enumerate()) - before
         assert [thread.name for thread in started if not thread.name.startswith("asyncio_")] == []
     assert not (tmp_path / "2.orbax-checkpoint-tmp-1700000000").exists()
+
+
+def test_evaluation_never_uses_another_epoch_than_the_selected_one_unasked(
+    run: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The selected epoch's checkpoint damaged, or the latest one (whose metrics could change
+    the selection): a usage error naming the problem and the usable epochs, no evaluation
+    written; --step still evaluates a usable epoch."""
+    out, _ = copy_run(run, tmp_path)
+    checkpoints = out / "checkpoints"
+    # A run whose last epoch is not the selected one: epoch 3's validation accuracy lowered in
+    # its checkpoint (whose manifest is then written anew).
+    meta_file = checkpoints / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["history"][2]["val_accuracy"] = 0.0
+    meta_file.write_text(json.dumps(meta))
+    write_manifest(checkpoints / "3")
+    selected = report.select_epoch(meta["history"])
+    assert selected < 3
+    problem = flip_a_byte_of_the_largest_file(checkpoints / str(selected))
+    usable = ", ".join(str(step) for step in (1, 2, 3) if step != selected)
+    assert evaluate.main(["--checkpoint", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the run's selected epoch, {selected}, has no usable checkpoint in {checkpoints} "
+        f"({problem}); choose an epoch with --step (usable: {usable})"
+    )
+    assert not list(out.glob("evaluation-*"))
+
+    out, _ = copy_run(run, tmp_path / "latest")
+    checkpoints = out / "checkpoints"
+    problem = truncate_largest_file(checkpoints / "3")
+    assert evaluate.main(["--checkpoint", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the checkpoint of epoch 3 in {checkpoints} is unusable ({problem}), so the "
+        "run's selected epoch cannot be told from the older ones; choose an epoch with --step "
+        "(usable: 1, 2)"
+    )
+    assert not list(out.glob("evaluation-*"))
+    assert evaluate.main(["--checkpoint", str(out), "--step", "2"]) == 0
+    assert json.loads((out / "evaluation-epoch2.json").read_text())["epoch"] == 2
