@@ -196,7 +196,7 @@ class TrainConfig:
     dataset: str = _option(
         "uci_har",
         "uci_har, or npz:PATH for a .npz file with X_train (N,T,C), y_train (N,), X_test, "
-        "y_test and optionally X_val, y_val, subjects_train",
+        "y_test and optionally X_val, y_val, subjects_train, class_names",
         metavar="SPEC",
     )
     data_dir: str | None = _option(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import stat
@@ -671,9 +672,9 @@ def test_npz_with_subjects_and_standardisation(tmp_path: Path) -> None:
 
 
 def test_npz_own_validation_split_is_kept(tmp_path: Path) -> None:
-    arrays = npz_arrays() | {"X_val": np.ones((4, 5, 3), np.int16), "y_val": np.array([7, 0, 1, 2])}
+    arrays = npz_arrays() | {"X_val": np.ones((4, 5, 3), np.int16), "y_val": np.array([3, 0, 1, 2])}
     ds = data.load_dataset(f"npz:{save_npz(tmp_path, arrays)}", standardize=False)
-    assert len(ds.train.y) == 40 and ds.num_classes == 8
+    assert len(ds.train.y) == 40 and ds.num_classes == 5
     np.testing.assert_array_equal(ds.val.x, np.ones((4, 5, 3), np.float32))
     assert ds.val.x.dtype == np.float32
 
@@ -749,11 +750,63 @@ BAD_NPZ = [
         id="empty",
     ),
     pytest.param(
+        with_value("y_train", (7,), 1000),
+        r"bad\.npz: y_train\[7\] = 1000, but no row has a label in 5\.\.999: labels must number "
+        r"the classes 0\.\.C-1 without gaps \(a typo\?\), or class_names must name all C classes$",
+        id="label-typo",
+    ),
+    pytest.param(
+        with_value("y_test", (2,), 6),
+        r"bad\.npz: y_test\[2\] = 6, but no row has a label 5: labels must number",
+        id="label-gap",
+    ),
+    pytest.param(
+        lambda a: with_value("y_test", (3,), 5)(a) | {"class_names": np.array(list("abcde"))},
+        r"bad\.npz: y_test\[3\] = 5 is not a class: class_names names 5 classes, labels 0\.\.4$",
+        id="label-beyond-class-names",
+    ),
+    pytest.param(
+        lambda a: a | {"class_names": np.arange(5)},
+        r"bad\.npz: class_names must be a 1-D array of strings, one per class; got dtype int64, "
+        r"shape \(5,\)$",
+        id="class-names-not-strings",
+    ),
+    pytest.param(
+        lambda a: a | {"class_names": np.array(["a", "b", "a", "c", "d"])},
+        r"bad\.npz: class_names has a name twice: \['a', 'b', 'a', 'c', 'd'\]$",
+        id="class-names-twice",
+    ),
+    pytest.param(
         lambda a: a | {"X_train": a["X_train"].astype(complex)},
         r"bad\.npz: X_train has dtype complex128; expected real numbers",
         id="complex",
     ),
 ]
+
+
+def test_npz_class_names_and_classes_without_training_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``class_names`` names the classes (one may have no row at all); a class without a
+    training row is a warning, naming where it does occur."""
+    arrays = npz_arrays()  # y_train 0..3, y_test 0..4
+    path = save_npz(tmp_path, arrays)
+    with caplog.at_level(logging.WARNING, logger="experiments.data"):
+        ds = data.load_dataset(f"npz:{path}")
+    assert ds.class_names == ("0", "1", "2", "3", "4")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: no training row of class 4, only in y_test: the model cannot learn it"
+    ]
+    caplog.clear()
+    names = np.array(["walk", "sit", "stand", "lie", "run", "jump"])
+    path = save_npz(tmp_path, arrays | {"class_names": names}, name="named.npz")
+    with caplog.at_level(logging.WARNING, logger="experiments.data"):
+        ds = data.load_dataset(f"npz:{path}")
+    assert ds.class_names == tuple(names) and ds.num_classes == 6
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: no training row of class 4 ('run'), only in y_test; 5 ('jump'), in no array: "
+        "the model cannot learn them"
+    ]
 
 
 @pytest.mark.parametrize(("change", "pattern"), BAD_NPZ)

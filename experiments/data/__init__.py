@@ -9,7 +9,8 @@ labels ``(N,)`` int32 in ``0 .. num_classes - 1``, subject ids ``(N,)`` int32.
   files and cached; ``download.py``: where those files live, their SHA-256 table and their
   download;
 * ``npz.py``: users' own data, a ``.npz`` file with ``X_train (N, T, C)``, ``y_train (N,)``,
-  ``X_test``, ``y_test``, optionally ``X_val``, ``y_val`` and ``subjects_train (N,)``;
+  ``X_test``, ``y_test``, optionally ``X_val``, ``y_val``, ``subjects_train (N,)`` and
+  ``class_names (K,)``;
 * ``dataset.py``: :class:`Split`, :class:`Dataset`, :class:`DataError`, raised for every
   problem with the data itself, and :class:`DataSettingsError`, for settings that do not fit the
   data (an unknown spec, a validation split that leaves a part empty).

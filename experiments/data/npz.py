@@ -1,19 +1,24 @@
 """Datasets of one's own: a ``.npz`` file of arrays, and the checks of such arrays.
 
 The format: arrays ``X_train (N, T, C)``, ``y_train (N,)``, ``X_test``, ``y_test``, optionally
-``X_val``, ``y_val`` and ``subjects_train (N,)``; load it with ``load_dataset("npz:PATH")``
+``X_val``, ``y_val``, ``subjects_train (N,)`` and ``class_names (K,)`` (strings); labels are
+``0 .. K - 1``, K the number of class names, else the largest label + 1 with no label missing
+below it. Load it with ``load_dataset("npz:PATH")``
 (:func:`experiments.data.load_dataset`). The checks (:func:`check_inputs`, :func:`check_column`)
 also serve the inputs of predictions (:mod:`experiments.prediction.inputs`).
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import zipfile
 
 import numpy as np
 
 from experiments.data.dataset import DataError, Split
+
+log = logging.getLogger(__name__)
 
 
 def read_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -71,8 +76,8 @@ def check_column(path: pathlib.Path, key: str, column: np.ndarray, rows: int, wh
         )
 
 
-def load_npz(path: pathlib.Path) -> tuple[Split, Split | None, Split, int]:
-    """Load and validate a dataset ``.npz`` file: (train, val or None, test, num_classes)."""
+def load_npz(path: pathlib.Path) -> tuple[Split, Split | None, Split, tuple[str, ...]]:
+    """Load and validate a dataset ``.npz`` file: (train, val or None, test, class names)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -82,7 +87,8 @@ def load_npz(path: pathlib.Path) -> tuple[Split, Split | None, Split, int]:
         if key not in arrays:
             raise DataError(
                 f"{path}: missing array {key!r}; expected X_train, y_train, X_test, y_test and "
-                f"optionally X_val, y_val, subjects_train (found: {', '.join(arrays) or 'none'})"
+                "optionally X_val, y_val, subjects_train, class_names (found: "
+                f"{', '.join(arrays) or 'none'})"
             )
     if ("X_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"{path}: X_val and y_val must be given together")
@@ -99,5 +105,77 @@ def load_npz(path: pathlib.Path) -> tuple[Split, Split | None, Split, int]:
             check_column(path, "subjects_train", subjects, len(x), "subject id")
             subjects = subjects.astype(np.int32)
         splits[split] = Split(x, y.astype(np.int32), subjects)
-    num_classes = 1 + max(int(split.y.max()) for split in splits.values())
-    return splits["train"], splits.get("val"), splits["test"], num_classes
+    labels = {f"y_{split}": splits[split].y for split in splits}
+    if "class_names" in arrays:
+        class_names = check_class_names(path, arrays["class_names"], labels)
+    else:
+        class_names = tuple(map(str, range(1 + max(int(y.max()) for y in labels.values()))))
+        check_no_gaps(path, labels)
+    warn_of_untrained_classes(path, class_names, labels)
+    return splits["train"], splits.get("val"), splits["test"], class_names
+
+
+def check_class_names(
+    path: pathlib.Path, names: np.ndarray, labels: dict[str, np.ndarray]
+) -> tuple[str, ...]:
+    """The ``class_names`` array ``(C,)`` of strings as a tuple, after checking that every
+    label of ``labels`` (array name → labels) is in ``0 .. C - 1``."""
+    if names.ndim != 1 or names.dtype.kind != "U" or len(names) == 0:
+        raise DataError(
+            f"{path}: class_names must be a 1-D array of strings, one per class; got dtype "
+            f"{names.dtype}, shape {names.shape}"
+        )
+    if len(set(names.tolist())) != len(names):
+        raise DataError(f"{path}: class_names has a name twice: {names.tolist()}")
+    for key, y in labels.items():
+        outside = np.flatnonzero(y >= len(names))
+        if outside.size:
+            index = outside[0]
+            raise DataError(
+                f"{path}: {key}[{index}] = {y[index]} is not a class: class_names names "
+                f"{len(names)} classes, labels 0..{len(names) - 1}"
+            )
+    return tuple(names.tolist())
+
+
+def check_no_gaps(path: pathlib.Path, labels: dict[str, np.ndarray]) -> None:
+    """Without class names, the labels number the classes: every label from 0 to the largest
+    must occur in ``labels`` (array name → labels), else the first label above a gap (a typo,
+    such as 1000 among 0..5, which would make a model of 1001 classes) is an error."""
+    present = np.unique(np.concatenate(list(labels.values())))
+    gaps = np.setdiff1d(np.arange(present[-1] + 1), present)
+    if not gaps.size:
+        return
+    gap = int(gaps[0])
+    above = int(present[np.searchsorted(present, gap)])
+    missing = f"{gap}" if above == gap + 1 else f"in {gap}..{above - 1}"
+    key, y = next((key, y) for key, y in labels.items() if (y == above).any())
+    index = int(np.flatnonzero(y == above)[0])
+    raise DataError(
+        f"{path}: {key}[{index}] = {above}, but no row has a label {missing}: labels must "
+        "number the classes 0..C-1 without gaps (a typo?), or class_names must name all C "
+        "classes"
+    )
+
+
+def warn_of_untrained_classes(
+    path: pathlib.Path, class_names: tuple[str, ...], labels: dict[str, np.ndarray]
+) -> None:
+    """Logs a warning naming the classes without a row in ``y_train``: the model cannot learn
+    them (each named with the arrays it does occur in, if any)."""
+    trained = set(np.unique(labels["y_train"]).tolist())
+    untrained = []
+    for label, name in enumerate(class_names):
+        if label in trained:
+            continue
+        elsewhere = [key for key, y in labels.items() if (y == label).any()]
+        where = f"only in {', '.join(elsewhere)}" if elsewhere else "in no array"
+        shown = f"{label}" if name == str(label) else f"{label} ({name!r})"
+        untrained.append(f"{shown}, {where}")
+    if untrained:
+        log.warning(
+            "%s: no training row of class %s: the model cannot learn %s",
+            path,
+            "; ".join(untrained),
+            "it" if len(untrained) == 1 else "them",
+        )

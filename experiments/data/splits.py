@@ -101,8 +101,7 @@ def load_dataset(
         val, name = None, "uci_har"
     else:
         path = pathlib.Path(spec.removeprefix("npz:")).expanduser()
-        train, val, test, num_classes = load_npz(path)
-        class_names = tuple(str(label) for label in range(num_classes))
+        train, val, test, class_names = load_npz(path)
         name = path.stem
 
     rng = np.random.default_rng(seed)
