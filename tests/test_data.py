@@ -456,7 +456,14 @@ def archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, dic
     """A synthetic dataset as the official archive, its hashes registered: (bytes, expected)."""
     expected = make_uci_har(tmp_path / "source")
     register_hashes(monkeypatch, tmp_path / "source")
-    return zip_official_archive(tmp_path / "source", tmp_path), expected
+    body = zip_official_archive(tmp_path / "source", tmp_path)
+    register_archive_hash(monkeypatch, body)
+    return body, expected
+
+
+def register_archive_hash(monkeypatch: pytest.MonkeyPatch, body: bytes) -> None:
+    """Make the loader's pinned archive hash describe ``body``."""
+    monkeypatch.setattr(download, "UCI_HAR_ARCHIVE_SHA256", hashlib.sha256(body).hexdigest())
 
 
 @pytest.fixture
@@ -533,33 +540,54 @@ def test_download_that_keeps_failing_is_reported(
     assert list(root.iterdir()) == []
 
 
-def test_truncated_archive_is_reported_and_downloaded_again(
-    archive, server: ArchiveServer, tmp_path: Path
+def test_archive_cut_short_fails_its_hash_and_is_downloaded_again(
+    archive, server: ArchiveServer, tmp_path: Path, retry_waits: list[float]
 ) -> None:
-    """Without a Content-Length, HTTP cannot tell a transfer was cut short: unzipping does. The
-    broken archive must not stay, or every later load would find it and fail again."""
+    """Without a Content-Length, HTTP cannot tell a transfer was cut short: the archive's hash
+    does, before anything is unpacked, and the download is tried again."""
     body, expected = archive
     server.replies = [cut_short(body, len(body) // 2, declared=False), Reply(body=body)]
     root = tmp_path / "downloaded"
-    with pytest.raises(DataError) as info:
-        data.load_uci_har(root, progress=False)
-    assert str(info.value) == (
-        f"could not download and unpack {download.UCI_HAR_URL} into {root}: File is not a zip file. "
-        f"Download it by hand and unzip it, then 'UCI HAR Dataset.zip' inside it, into {root}"
-    )
-    assert list(root.iterdir()) == []
     data.load_uci_har(root, progress=False)
     assert server.requests == [ARCHIVE_PATH] * 2
+    assert retry_waits == [1]
     assert_downloaded(root, expected)
 
 
-def test_archive_with_a_changed_file_is_refused(
-    archive, server: ArchiveServer, tmp_path: Path
+def test_an_archive_that_is_not_the_official_one_is_refused_before_unpacking(
+    archive, server: ArchiveServer, tmp_path: Path, retry_waits: list[float]
 ) -> None:
-    """The archive itself has no pinned hash: each unpacked file is checked against the table."""
+    """A wrong download (another file, a changed archive) fails the pinned SHA-256 on every
+    attempt: nothing is unpacked, nothing is left."""
+    body, _ = archive
+    other = body.replace(b"description", b"something else")
+    server.replies = [Reply(body=other)]
+    root = tmp_path / "downloaded"
+    with pytest.raises(DataError) as info:
+        data.load_uci_har(root, progress=False)
+    name = ARCHIVE_PATH.removeprefix("/")
+    assert str(info.value) == (
+        f"could not download and unpack {download.UCI_HAR_URL} into {root}: SHA256 hash of "
+        f"downloaded file ({name}) does not match the known hash: expected "
+        f"sha256:{hashlib.sha256(body).hexdigest()} but got {hashlib.sha256(other).hexdigest()}. "
+        "Deleted download for safety. The downloaded file may have been corrupted or the known "
+        f"hash may be outdated. Download it by hand and unzip it, then 'UCI HAR Dataset.zip' "
+        f"inside it, into {root}"
+    )
+    assert server.requests == [ARCHIVE_PATH] * 4
+    assert list(root.iterdir()) == []
+
+
+def test_archive_with_a_changed_file_is_refused(
+    archive, server: ArchiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive that passes its own check (here: its hash replaced on purpose) is still
+    checked file by file against the table."""
     source = tmp_path / "source"
     rewrite(source / data.UCI_HAR_FOLDER / "train/y_train.txt", set_line(1, "6"))
-    server.replies = [Reply(body=zip_official_archive(source, tmp_path))]
+    body = zip_official_archive(source, tmp_path)
+    register_archive_hash(monkeypatch, body)
+    server.replies = [Reply(body=body)]
     root = tmp_path / "downloaded"
     path = root / data.UCI_HAR_FOLDER / "train/y_train.txt"
     with pytest.raises(DataError) as info:

@@ -4,7 +4,8 @@
   ``$LARNN_DATA_DIR``, else the per-user cache folder);
 * :data:`UCI_HAR_SHA256`: the SHA-256 of every file the loader reads, checked by
   :func:`verify_files` before any of them is used;
-* :func:`download_uci_har`: the official archive, fetched with pooch and unpacked.
+* :func:`download_uci_har`: the official archive, fetched with pooch, checked against
+  :data:`UCI_HAR_ARCHIVE_SHA256` and unpacked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ UCI_HAR_URL = (
 )
 #: Name of the dataset folder inside the data directory.
 UCI_HAR_FOLDER = "UCI HAR Dataset"
+#: SHA-256 of the official archive (61,005,872 bytes), checked before it is unpacked; replace it
+#: to download a copy that differs on purpose.
+UCI_HAR_ARCHIVE_SHA256 = "c00b803081a5c797cd5e4b83700a9810b38d53d9d84e01917e090e1fdbc81031"
 #: The zip inside the official archive that holds :data:`UCI_HAR_FOLDER`.
 INNER_ZIP = "UCI HAR Dataset.zip"
 #: The channel order of the UCI HAR inputs (last axis).
@@ -159,12 +163,14 @@ def verify_files(folder: pathlib.Path) -> dict[str, str]:
 def download_uci_har(root: pathlib.Path, progress: bool) -> None:
     """Download the official archive with pooch and unpack ``UCI HAR Dataset/`` into ``root``.
 
-    The archive is fetched with 3 retries and a tqdm progress bar when ``progress`` is true; both
-    zip levels (the archive and the ``UCI HAR Dataset.zip`` inside it) are unpacked and then
-    removed. The archive's own hash is not pinned: integrity is checked afterwards, file by file,
-    against :data:`UCI_HAR_SHA256`. When unpacking fails (a transfer cut short where HTTP could
-    not tell), the archive is removed as well, so that the next call downloads it again instead
-    of failing on the same file. pooch (the ``train`` extra) is imported here.
+    The archive is fetched with 3 retries and a tqdm progress bar when ``progress`` is true, and
+    checked against :data:`UCI_HAR_ARCHIVE_SHA256` before anything is unpacked (pooch deletes a
+    download that does not match and tries again, as for a failed transfer: a transfer cut short
+    where HTTP could not tell fails the check); then both zip levels (the archive and the
+    ``UCI HAR Dataset.zip`` inside it) are unpacked and removed, and every file is checked
+    against :data:`UCI_HAR_SHA256` when it is loaded. When unpacking fails, the archive is
+    removed as well, so that the next call downloads it again instead of failing on the same
+    file. pooch (the ``train`` extra) is imported here.
     """
     import pooch
 
@@ -172,7 +178,7 @@ def download_uci_har(root: pathlib.Path, progress: bool) -> None:
     fetcher = pooch.create(
         path=root,
         base_url="",
-        registry={archive: None},
+        registry={archive: f"sha256:{UCI_HAR_ARCHIVE_SHA256}"},
         urls={archive: UCI_HAR_URL},
         retry_if_failed=3,
     )
@@ -190,9 +196,12 @@ def download_uci_har(root: pathlib.Path, progress: bool) -> None:
             if not members:
                 raise DataError(f"{inner[0]}: no '{UCI_HAR_FOLDER}/' folder in the zip")
             zipped.extractall(root, members=members)
-    except (OSError, zipfile.BadZipFile) as exc:
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # ValueError: the hash (pooch)
         raise DataError(
-            f"could not download and unpack {UCI_HAR_URL} into {root}: {exc}. Download it by "
+            f"could not download and unpack {UCI_HAR_URL} into {root}: "
+            f"{str(exc).rstrip('.')}. Download it by "
             f"hand and unzip it, then '{INNER_ZIP}' inside it, into {root}"
         ) from exc
     finally:

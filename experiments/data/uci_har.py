@@ -265,8 +265,8 @@ def load_uci_har(
         minus 1), ``subjects`` ``(N,)`` int32; ``class_names`` from ``activity_labels.txt``.
         Train has 7352 rows from 21 subjects, test 2947 rows from 9 other subjects.
 
-    Every file read is checked against :data:`UCI_HAR_SHA256` first (the downloaded archive has
-    no pinned hash: this table is the integrity check). The parsed arrays are cached in
+    Every file read is checked against :data:`UCI_HAR_SHA256` first (a downloaded archive is
+    checked as a whole before it is unpacked, too). The parsed arrays are cached in
     ``uci_har_<key>.npz``, keyed by the file hashes, in ``data_dir`` if it is writable, else in
     :func:`user_cache_dir`; a stale or unreadable cache is ignored and rewritten.
     """
