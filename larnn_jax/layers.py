@@ -103,7 +103,7 @@ class LARNNLayer(nn.Module):
                     "apply the model with mutable=['batch_stats'] (or pass deterministic=True "
                     "for evaluation)"
                 )
-        kind = choose_scan(self.scan, cell, training=training)
+        kind = choose_scan(self.scan, cell, training=training, dtype=inputs.dtype)
         time_major = bool(time_major)
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
@@ -141,9 +141,9 @@ class LARNNLayer(nn.Module):
         ``cell`` (as in ``nn.RNN``), so that every scan reads the same variables. Called as
         ``scan(inputs (T, B, D), initial_carry, init_key, seq_lengths)`` → the final carry and
         the outputs ``(T, B, H)``."""
-        if kind == "fused":
+        if kind in ("fused", "native"):
             assert isinstance(cell, LARNNCell)  # choose_scan
-            return FusedScan(cell, name="rnn")
+            return FusedScan(cell, native=kind == "native", name="rnn")
         options = scan_options(training)
         if kind == "remat":
             assert self.remat_chunk_length is not None  # check_scan

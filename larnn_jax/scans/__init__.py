@@ -32,7 +32,9 @@ import os
 from typing import Literal, cast
 
 from flax import linen as nn
+from numpy.typing import DTypeLike
 
+from larnn_jax import native
 from larnn_jax.cell import LARNNCell
 
 Scan = Literal["auto", "native", "fused", "plain", "remat"]
@@ -69,13 +71,17 @@ def runs_the_larnn_step(cell: nn.Module) -> bool:
     )
 
 
-def native_unavailable_reason(cell: LARNNCell) -> str | None:
-    """Why the native step cannot run ``cell`` here (``None`` where it can)."""
-    return "this version of larnn_jax has no native step"
+def native_unavailable_reason(cell: LARNNCell, dtype: DTypeLike | None = None) -> str | None:
+    """Why the native step cannot run ``cell`` on inputs of ``dtype`` here (``None`` where it can).
+    Compiles the native step on first call (:mod:`larnn_jax.native.build`)."""
+    return native.why_not_covered(cell, dtype) or native.unavailable_reason()
 
 
-def choose_scan(scan: str, cell: nn.Module, *, training: bool) -> ScanKind:
-    """The scan a layer runs: ``scan`` (one of :data:`SCANS`) resolved for ``cell`` and the mode.
+def choose_scan(
+    scan: str, cell: nn.Module, *, training: bool, dtype: DTypeLike | None = None
+) -> ScanKind:
+    """The scan a layer runs: ``scan`` (one of :data:`SCANS`) resolved for ``cell``, the mode and
+    the inputs' ``dtype``.
 
     Raises:
       ValueError: naming the fix, where ``scan`` cannot run ``cell``.
@@ -91,7 +97,7 @@ def choose_scan(scan: str, cell: nn.Module, *, training: bool) -> ScanKind:
     if scan != "auto":
         if (
             scan == "native"
-            and (reason := native_unavailable_reason(cast(LARNNCell, cell))) is not None
+            and (reason := native_unavailable_reason(cast(LARNNCell, cell), dtype)) is not None
         ):
             raise ValueError(
                 f"scan='native' cannot run here: {reason}; use scan='auto' or 'fused' (XLA)"
@@ -102,7 +108,7 @@ def choose_scan(scan: str, cell: nn.Module, *, training: bool) -> ScanKind:
     if os.environ.get(NATIVE_SWITCH, "1") == "0":
         reason = f"{NATIVE_SWITCH}=0"
     else:
-        reason = native_unavailable_reason(cast(LARNNCell, cell))
+        reason = native_unavailable_reason(cast(LARNNCell, cell), dtype)
     kind: ScanKind = "fused" if reason else "native"
     _log_choice(kind, reason)
     return kind

@@ -26,6 +26,7 @@ from flax import linen as nn
 from flax.typing import PRNGKey
 
 from larnn_jax.cell import LARNNCarry, LARNNCell
+from larnn_jax.native import layer as native_layer
 from larnn_jax.scans.window_scan import ScanResult, StepFunction, window_scan
 from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState
@@ -36,9 +37,12 @@ class FusedScan(nn.Module):
 
     Attributes:
       cell: the cell, in the mode (``deterministic``) to run.
+      native: run the scan natively (:mod:`larnn_jax.native`, which the caller checked covers
+        the cell): the same computation, with the same dropout masks.
     """
 
     cell: LARNNCell
+    native: bool = False
 
     @nn.compact
     def __call__(
@@ -76,6 +80,19 @@ class FusedScan(nn.Module):
             def wrap_key(data: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
                 return None, None
 
+        if self.native:
+            outputs, final, stats_after = native_layer.run(
+                cell,
+                variables["params"],
+                stats,
+                initial_carry,
+                terms,
+                native_layer.mask_keys(cell, keys, impl) if cell.draws_dropout else None,
+                _last_steps(steps, initial_carry.h.shape[0], seq_lengths),
+            )
+            if stats and training:
+                _put_collection(cell, "batch_stats", stats_after)
+            return final, outputs
         enter, step_over_window = _pure_step(cell.clone(parent=None), bool(stats) and training)
         result = window_scan(
             StepFunction(enter, step_over_window, wrap_key),
@@ -117,17 +134,20 @@ def _pure_step(
     return enter, step_over_window
 
 
+def _last_steps(steps: int, batch: int, seq_lengths: jax.Array | None) -> jax.Array:
+    """``(B,)``: each sequence's last step, ``seq_lengths - 1`` (or ``T - 1``)."""
+    if seq_lengths is None:
+        return jnp.full((batch,), steps - 1, jnp.int32)
+    return jnp.asarray(seq_lengths, jnp.int32) - 1
+
+
 def _final_carry(
     result: ScanResult, initial: LARNNCarry, seq_lengths: jax.Array | None
 ) -> LARNNCarry:
     """The carry after each sequence's last step (``seq_lengths - 1``, or the last step)."""
     steps = result.outputs.shape[0]
     batch = initial.h.shape[0]
-    last = (
-        jnp.full((batch,), steps - 1, jnp.int32)
-        if seq_lengths is None
-        else jnp.asarray(seq_lengths, jnp.int32) - 1
-    )
+    last = _last_steps(steps, batch, seq_lengths)
     rows = jnp.arange(batch)
     stays = initial.window.key_entries.shape[-2]  # k - 1
 

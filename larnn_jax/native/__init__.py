@@ -1,0 +1,92 @@
+"""The native LARNN step: a layer's whole scan, forward and backward, as C++ run by XLA's FFI.
+
+On the CPU, XLA executes a LARNN layer's step as a chain of about 620 small operations, each
+paying dispatch and a pass over memory (BENCHMARKS.md, *Where the time goes*). The native step runs
+the whole sequence of one layer in one call (and its backward pass in another), with the window
+read in place, and leaves XLA what is large and outside the recurrence: the input terms and the
+weights' gradients. Same results as :func:`larnn_jax.ops.window_scan` to float rounding, with the
+same dropout masks (``tests/test_native.py``).
+
+The library is compiled on first use with the system's C++ compiler (see
+:mod:`larnn_jax.native.build`). Without a compiler, or with ``LARNN_JAX_NATIVE=0``, the XLA path
+runs.
+
+* :func:`available`: whether the native step can run here; :func:`unavailable_reason` says why
+  not.
+* :func:`why_not_covered`: why a given cell cannot use it (``None`` if it can).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from larnn_jax.cell import LARNNCell
+from larnn_jax.native import build
+
+HOW_TO_ENABLE = (
+    "install a C++ compiler (e.g. `apt-get install g++`, or set CXX) to get the native LARNN "
+    "step; the XLA path runs meanwhile"
+)
+
+
+@functools.cache
+def _build_outcome() -> str | None:
+    """``None`` once the library is built and loaded, else why it could not be (once per process)."""
+    try:
+        build.load()
+    except build.BuildError as error:
+        return str(error)
+    except OSError as error:  # loading the built library
+        return f"the native LARNN library could not be loaded: {error}"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native step cannot run in this process (``None`` if it can). Builds the library
+    on first call (see :mod:`larnn_jax.native.build`)."""
+    if os.environ.get("LARNN_JAX_NATIVE") == "0":
+        return "LARNN_JAX_NATIVE=0 switches the native LARNN step off"
+    if jax.default_backend() != "cpu":
+        return f"the native LARNN step runs on the CPU backend, not {jax.default_backend()!r}"
+    return _build_outcome()
+
+
+def available() -> bool:
+    """Whether the native LARNN step can run here (compiling it on first call)."""
+    return unavailable_reason() is None
+
+
+def why_not_covered(cell: LARNNCell, dtype: jnp.dtype) -> str | None:
+    """Why the native step cannot run ``cell`` on inputs of ``dtype`` (``None`` if it can).
+
+    Covered: :class:`~larnn_jax.LARNNCell` itself (not a subclass), ``norm='batch'``,
+    ``cell_norm_placement='output'``, float32 or float64 throughout, every mode, positional
+    encoding and activation option, the three dropouts with JAX's default PRNG (Threefry,
+    partitionable), training and evaluation.
+    """
+    if type(cell) is not LARNNCell:
+        return f"{type(cell).__name__} is not LARNNCell"
+    if cell.norm != "batch":
+        return f"norm={cell.norm!r} (the native step covers norm='batch')"
+    if cell.cell_norm_placement != "output":
+        return f"cell_norm_placement={cell.cell_norm_placement!r} (it covers 'output')"
+    dtypes = {jnp.dtype(dtype), jnp.dtype(cell.param_dtype)}
+    if cell.dtype is not None:
+        dtypes.add(jnp.dtype(cell.dtype))
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.float64):
+        return "inputs and parameters must all be float32 or all float64"
+    dropping = not cell.deterministic and any(
+        (cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate)
+    )
+    if dropping:
+        if jax.config.jax_default_prng_impl != "threefry2x32":
+            return (
+                f"dropout with the {jax.config.jax_default_prng_impl} PRNG (it draws Threefry bits)"
+            )
+        if not jax.config.jax_threefry_partitionable:
+            return "dropout with jax_threefry_partitionable off"
+    return None
