@@ -29,7 +29,7 @@ from cell_cases import CellCase, randomised
 from numpy_reference import larnn_reference
 from numpy_reference import positional_encoding as reference_positional_encoding
 
-from larnn_jax import LARNNLayer, positional_encoding
+from larnn_jax import LARNNLayer, native, positional_encoding
 from larnn_jax import cell as cell_module
 from larnn_jax.cell import GatedUpdate
 
@@ -88,8 +88,9 @@ def make_variables(cfg: Config, dtype=np.float64, seed: int = 0) -> dict:
     return randomised(_variable_shapes(cfg, np.dtype(dtype).name), seed)
 
 
-#: How the cell is scanned: Flax's ``nn.RNN``, and the library's fused window scan.
-RUNNERS = ("nn.RNN", "fused")
+#: How the cell is scanned: Flax's ``nn.RNN``, the library's fused window scan in XLA, and the
+#: same with the native step (where it covers the configuration and can run here).
+RUNNERS = ("nn.RNN", "fused", "native")
 
 
 def _recording_dropout_factors(module: nn.Module, rate: float, shape: tuple[int, ...], dtype):
@@ -127,9 +128,9 @@ def _compiled(
     """A jitted ``(variables, x) -> ((ys (B,T,H), h (B,H), c (B,H), batch_stats after), masks)``;
     ``masks`` are the dropout factors of every step when ``record_dropout`` (``nn.RNN`` in
     training only; else ``{}``), as :func:`numpy_reference.larnn_reference` takes them."""
-    if runner == "fused":
+    if runner in ("fused", "native"):
         assert not record_dropout, "dropout masks are recorded under nn.RNN"
-        layer = LARNNLayer(cfg.cell(np.dtype(dtype)), scan="fused")
+        layer = LARNNLayer(cfg.cell(np.dtype(dtype)), scan=runner)
 
         def run_fused(variables, x):
             (carry, ys), updates = layer.apply(
@@ -242,6 +243,10 @@ def compare_with_reference(
       ``{quantity: relative error}``.
     """
     rtol = RTOL_FLOAT64["train" if train else "eval"] if rtol is None else rtol
+    if runner == "native":
+        reason = native.why_not_covered(cfg.cell(dtype)) or native.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"native step: {reason}")
     variables = make_variables(cfg, dtype)
     x = make_inputs(cfg, dtype)
     masks = None

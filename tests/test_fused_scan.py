@@ -87,7 +87,7 @@ def assert_same(got, want):
 def compare(cell: LARNNCell, train: bool = True, x_shape=(B, T, D), **call) -> None:
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), x_shape, jnp.float64)
-        fused, plain = LARNNLayer(cell), LARNNLayer(cell, scan="plain")
+        fused, plain = LARNNLayer(cell, scan="fused"), LARNNLayer(cell, scan="plain")
         variables = plain.init(jax.random.key(2), x)
         variables = jax.tree.map(  # away from the trivial initial values
             lambda a: a + 0.2 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), variables
@@ -182,7 +182,7 @@ def test_gradient_with_dropout_equals_autodiff_through_the_same_forward(options,
     cell = make_cell(**options)
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float64)
-        layer = LARNNLayer(cell)
+        layer = LARNNLayer(cell, scan="fused")
         variables = layer.init(jax.random.key(2), x)
         got = jax.jit(lambda v: loss_and_gradients(layer, v, x, True))(variables)
         monkeypatch.setattr(window_scan, "_window_scan", window_scan._forward)
@@ -193,6 +193,6 @@ def test_gradient_with_dropout_equals_autodiff_through_the_same_forward(options,
     without = {name: value for name, value in options.items() if "dropout" not in name}
     with jax.enable_x64(True):
         value_without, _ = jax.jit(
-            lambda v: loss_and_gradients(LARNNLayer(make_cell(**without)), v, x, True)
+            lambda v: loss_and_gradients(LARNNLayer(make_cell(**without), scan="fused"), v, x, True)
         )(variables)
     assert not np.isclose(value_without, got[0])

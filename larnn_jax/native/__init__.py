@@ -23,14 +23,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from numpy.typing import DTypeLike
 
 from larnn_jax.cell import LARNNCell
 from larnn_jax.native import build
-
-HOW_TO_ENABLE = (
-    "install a C++ compiler (e.g. `apt-get install g++`, or set CXX) to get the native LARNN "
-    "step; the XLA path runs meanwhile"
-)
 
 
 @functools.cache
@@ -60,8 +57,9 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def why_not_covered(cell: LARNNCell, dtype: jnp.dtype) -> str | None:
-    """Why the native step cannot run ``cell`` on inputs of ``dtype`` (``None`` if it can).
+def why_not_covered(cell: nn.Module, dtype: DTypeLike | None = None) -> str | None:
+    """Why the native step cannot run ``cell`` on inputs of ``dtype`` (``None`` if it can; a
+    ``None`` dtype is not checked).
 
     Covered: :class:`~larnn_jax.LARNNCell` itself (not a subclass), ``norm='batch'``,
     ``cell_norm_placement='output'``, float32 or float64 throughout, every mode, positional
@@ -74,11 +72,10 @@ def why_not_covered(cell: LARNNCell, dtype: jnp.dtype) -> str | None:
         return f"norm={cell.norm!r} (the native step covers norm='batch')"
     if cell.cell_norm_placement != "output":
         return f"cell_norm_placement={cell.cell_norm_placement!r} (it covers 'output')"
-    dtypes = {jnp.dtype(dtype), jnp.dtype(cell.param_dtype)}
-    if cell.dtype is not None:
-        dtypes.add(jnp.dtype(cell.dtype))
-    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.float64):
-        return "inputs and parameters must all be float32 or all float64"
+    dtypes = {jnp.dtype(d) for d in (dtype, cell.param_dtype, cell.dtype) if d is not None}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (jnp.float32, jnp.float64):
+        names = ", ".join(sorted(d.name for d in dtypes))
+        return f"inputs and parameters must all be float32 or all float64, not {names}"
     dropping = not cell.deterministic and any(
         (cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate)
     )
