@@ -24,7 +24,7 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from numpy.typing import DTypeLike
+from jax.typing import DTypeLike
 
 from larnn_jax.cell import LARNNCell
 from larnn_jax.native import build
@@ -76,14 +76,10 @@ def why_not_covered(cell: nn.Module, dtype: DTypeLike | None = None) -> str | No
     if len(dtypes) != 1 or next(iter(dtypes)) not in (jnp.float32, jnp.float64):
         names = ", ".join(sorted(d.name for d in dtypes))
         return f"inputs and parameters must all be float32 or all float64, not {names}"
-    dropping = not cell.deterministic and any(
-        (cell.dropout_rate, cell.kv_dropout_rate, cell.attention_dropout_rate)
-    )
-    if dropping:
-        if jax.config.jax_default_prng_impl != "threefry2x32":
-            return (
-                f"dropout with the {jax.config.jax_default_prng_impl} PRNG (it draws Threefry bits)"
-            )
-        if not jax.config.jax_threefry_partitionable:
+    if cell.draws_dropout:
+        impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
+        if impl != "threefry2x32":
+            return f"dropout with the {impl} PRNG (the native step draws Threefry bits)"
+        if not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
             return "dropout with jax_threefry_partitionable off"
     return None

@@ -67,8 +67,8 @@ def compiler() -> list[str]:
     return command
 
 
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 def build_key(command: list[str]) -> str:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from larnn_jax.cell import _DROPOUT_LEVELS, InputTerms, LARNNCarry, LARNNCell
 from larnn_jax.native import build
@@ -78,7 +79,7 @@ class Inputs(NamedTuple):
 class Constants(NamedTuple):
     """What the call reads but is not differentiated."""
 
-    count: jax.Array  # (B,) int32
+    window_count: jax.Array  # (B,) int32: the initial window's filled entries
     keys: jax.Array  # (T + 1, 3, 2) uint32: each step's entering, attention and output keys
     last: jax.Array  # (B,) int32: the step after which each sample's final carry is taken
     running: jax.Array  # (18 H,): the running averages (``RunningOffsets``)
@@ -113,11 +114,11 @@ def _residual_size(config: Config, inputs: Inputs, full: bool) -> int:
     )
 
 
-def _forward_arguments(weights: Weights, inputs: Inputs, constants: Constants) -> list:
+def _forward_arguments(weights: Weights, inputs: Inputs, constants: Constants) -> list[jax.Array]:
     """The forward call's buffers, in ``larnn_ffi.cc``'s ``ForwardArgument`` order."""
     return [
         *inputs[:6],
-        constants.count,
+        constants.window_count,
         inputs.moment_sums,
         constants.keys,
         constants.last,
@@ -126,27 +127,26 @@ def _forward_arguments(weights: Weights, inputs: Inputs, constants: Constants) -
     ]
 
 
-def _forward(config: Config, weights: Weights, inputs: Inputs, constants: Constants, save: bool):
+def _forward(
+    config: Config, weights: Weights, inputs: Inputs, constants: Constants, save: bool
+) -> tuple[Results, jax.Array]:
     steps, batch, features = inputs.query_terms.shape
     dtype = inputs.query_terms.dtype
 
-    def shaped(*shape):
+    def shaped(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     kept = config.window - 1
-    results = Results(
+    shapes = (  # the fields of Results, then the residual
         shaped(steps, batch, features),
         shaped(steps, batch, features),
         shaped(batch, kept, features),
         shaped(batch, kept, features),
         shaped(*inputs.moment_sums.shape),
         shaped(*constants.running.shape),
+        shaped(_residual_size(config, inputs, save)),
     )
-    call = jax.ffi.ffi_call(
-        "larnn_forward",
-        (*results, shaped(_residual_size(config, inputs, save))),
-        vmap_method="sequential",
-    )
+    call = jax.ffi.ffi_call("larnn_forward", shapes, vmap_method="sequential")
     *values, residual = call(
         *_forward_arguments(weights, inputs, constants), **_attributes(config, save)
     )
@@ -158,17 +158,21 @@ def _layer(config: Config, weights: Weights, inputs: Inputs, constants: Constant
     return _forward(config, weights, inputs, constants, save=False)[0]
 
 
-def _layer_forward(config, weights, inputs, constants):
+def _layer_forward(
+    config: Config, weights: Weights, inputs: Inputs, constants: Constants
+) -> tuple[Results, tuple]:
     results, residual = _forward(config, weights, inputs, constants, save=True)
     return results, (weights, inputs, constants, results.outputs, results.cells, residual)
 
 
-def _layer_backward(config, saved, d_results):
+def _layer_backward(
+    config: Config, saved: tuple, d_results: Results
+) -> tuple[Weights, Inputs, Constants]:
     weights, inputs, constants, outputs, cells, residual = saved
     steps, batch, features = inputs.query_terms.shape
     dtype = inputs.query_terms.dtype
 
-    def shaped(*shape):
+    def shaped(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     rows = (steps, batch)
@@ -227,7 +231,7 @@ def _layer_backward(config, saved, d_results):
 
     # The weights' gradients: one product over all T·B rows each, the left operand laid out
     # (H, T·B) by the native pass so that XLA does not transpose either operand.
-    def product(transposed, b):
+    def product(transposed: jax.Array, b: jax.Array) -> jax.Array:
         return transposed @ b.reshape(steps * batch, -1)
 
     d_keys, d_values = jnp.split(d_entries, 2, axis=-1)
@@ -246,10 +250,17 @@ def _layer_backward(config, saved, d_results):
     )
     d_inputs = Inputs(d_query, d_gates, d_h, d_c, d_window_keys, d_window_values, d_sums)
     d_constants = Constants(
-        *(np.zeros(x.shape, jax.dtypes.float0) for x in constants[:3]),
-        jnp.zeros_like(constants.running),
+        window_count=_no_cotangent(constants.window_count),
+        keys=_no_cotangent(constants.keys),
+        last=_no_cotangent(constants.last),
+        running=jnp.zeros_like(constants.running),
     )
     return d_weights, d_inputs, d_constants
+
+
+def _no_cotangent(x: jax.Array) -> Any:
+    """The cotangent of an integer input: zeros of dtype ``float0``."""
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 _layer.defvjp(_layer_forward, _layer_backward)
@@ -259,13 +270,15 @@ _layer.defvjp(_layer_forward, _layer_backward)
 # From the cell's variables
 
 
-def _norm_parts(cell: LARNNCell, params: PyTree, stats: PyTree, dtype) -> tuple[jax.Array, ...]:
+def _norm_parts(
+    cell: LARNNCell, params: PyTree, stats: PyTree, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
     """The norms' parameters (``NormOffsets``) and running averages (``RunningOffsets``)."""
     features = cell.features
     ones, zeros = jnp.ones(features, dtype), jnp.zeros(features, dtype)
     update, update_stats = params["update"], stats.get("update", {})
 
-    def parameter(tree, name, part, default):
+    def parameter(tree: PyTree, name: str, part: str, default: jax.Array) -> jax.Array:
         return tree[name][part] if name in tree else default
 
     norms = jnp.concatenate(
@@ -313,7 +326,7 @@ def _with_running(stats: PyTree, running: jax.Array, features: int) -> PyTree:
         parts[name]["var"] = running[offset + size : offset + 2 * size]
         offset += 2 * size
 
-    def replace(tree):
+    def replace(tree: PyTree) -> PyTree:
         result = {}
         for name, value in tree.items():
             if name in parts and not isinstance(value.get("mean"), dict):
@@ -325,7 +338,7 @@ def _with_running(stats: PyTree, running: jax.Array, features: int) -> PyTree:
     return replace(stats)
 
 
-def _weights(cell: LARNNCell, params: PyTree, norms: jax.Array, dtype) -> Weights:
+def _weights(cell: LARNNCell, params: PyTree, norms: jax.Array, dtype: DTypeLike) -> Weights:
     features = cell.features
     if cell.mode == "residual":
         hidden = params["hidden_gates"]["kernel"]
@@ -360,10 +373,12 @@ def dropout_levels(cell: LARNNCell) -> tuple[int, int, int]:
     """The keep thresholds of the key/value, attention and output dropouts (``2^16``: none)."""
     rates = (cell.kv_dropout_rate, cell.attention_dropout_rate, cell.dropout_rate)
     if cell.deterministic:
-        return (_DROPOUT_LEVELS,) * 3
-    return tuple(
-        _DROPOUT_LEVELS if rate == 0.0 else round((1.0 - rate) * _DROPOUT_LEVELS) for rate in rates
-    )
+        return _DROPOUT_LEVELS, _DROPOUT_LEVELS, _DROPOUT_LEVELS
+
+    def levels(rate: float) -> int:
+        return _DROPOUT_LEVELS if rate == 0.0 else round((1.0 - rate) * _DROPOUT_LEVELS)
+
+    return levels(rates[0]), levels(rates[1]), levels(rates[2])
 
 
 def _draw_entering_key(module: LARNNCell) -> jax.Array:
@@ -374,7 +389,7 @@ def _draw_step_keys(module: LARNNCell) -> tuple[jax.Array, jax.Array]:
     return module.make_rng("dropout"), module.update.make_rng("dropout")
 
 
-def mask_keys(cell: LARNNCell, keys: jax.Array, impl) -> jax.Array:
+def mask_keys(cell: LARNNCell, keys: jax.Array, impl: Any) -> jax.Array:
     """``(T + 1, 3, 2)`` uint32: the keys of the masks each step draws, derived from the scan's
     per-step keys ``(T + 1, 2, ...)`` (entering, advancing) as ``make_rng('dropout')`` derives
     them inside ``cell.apply(..., method='enter' / 'step_over_window')``: the key/value mask
@@ -384,8 +399,11 @@ def mask_keys(cell: LARNNCell, keys: jax.Array, impl) -> jax.Array:
 
     def derive(data: jax.Array) -> jax.Array:
         entering, advancing = jax.random.wrap_key_data(data, impl=impl)
-        kv = cell.apply({}, method=_draw_entering_key, rngs={"dropout": entering})
-        attention, output = cell.apply({}, method=_draw_step_keys, rngs={"dropout": advancing})
+        kv = cast(jax.Array, cell.apply({}, method=_draw_entering_key, rngs={"dropout": entering}))
+        attention, output = cast(
+            tuple[jax.Array, jax.Array],
+            cell.apply({}, method=_draw_step_keys, rngs={"dropout": advancing}),
+        )
         return jnp.stack([jax.random.key_data(k) for k in (kv, attention, output)])
 
     return jax.vmap(derive)(keys)

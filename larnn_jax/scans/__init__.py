@@ -32,7 +32,7 @@ import os
 from typing import Literal, cast
 
 from flax import linen as nn
-from numpy.typing import DTypeLike
+from jax.typing import DTypeLike
 
 from larnn_jax import native
 from larnn_jax.cell import LARNNCell
