@@ -1,7 +1,10 @@
-"""Small ``LARNNCell`` configurations and random variables, shared by the comparison tests.
+"""Small ``LARNNCell`` configurations, random variables and a tree comparison, shared by the
+comparison tests.
 
 ``tests/test_exactness.py`` compares the cell with the float64 reference of docs/model.md §1 and
 ``tests/test_reference_cell.py`` with ``larnn_jax.reference``'s cell; both run these cases.
+``tests/test_fused_scan.py`` and ``tests/test_native.py`` compare scans' gradients with
+:func:`assert_close_trees`.
 """
 
 from __future__ import annotations
@@ -86,3 +89,20 @@ def randomised(variables: dict, seed: int = 0) -> dict:
         return np.asarray(value, dtype=leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def assert_close_trees(got, want, rtol: float, zero_floor: float) -> None:
+    """Every leaf of ``got`` within ``rtol`` of the largest value of ``want``'s leaf, or, for a
+    leaf that is zero but for rounding (such as the gradient of a bias just before a batch norm),
+    of ``zero_floor`` times the largest value of all leaves. Integer cotangents (``float0``) and
+    empty leaves are skipped."""
+    leaves = [b for b in jax.tree.leaves(want) if b.dtype != jax.dtypes.float0 and b.size]
+    overall = max(float(np.abs(b).max()) for b in leaves)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        if a.dtype == jax.dtypes.float0 or a.size == 0:
+            continue
+        scale = max(float(np.abs(b).max()), zero_floor * overall)
+        error = float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
+        assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"

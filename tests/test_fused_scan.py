@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cell_cases import assert_close_trees
 
 from larnn_jax import LARNNCell, LARNNLayer
 from larnn_jax.scans import window_scan
@@ -70,18 +71,8 @@ def loss_and_gradients(layer: nn.Module, variables, x, train: bool, **call):
 
 
 def assert_same(got, want):
-    """Every leaf within ``RTOL`` of the largest value of its own, or (for a gradient that is zero
-    but for rounding, such as a bias just before a batch norm) of the largest of all."""
-    leaves = [b for b in jax.tree.leaves(want) if b.dtype != jax.dtypes.float0 and b.size]
-    overall = max(float(np.abs(b).max()) for b in leaves)
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
-    ):
-        if a.dtype == jax.dtypes.float0 or a.size == 0:
-            continue
-        scale = max(float(np.abs(b).max()), 1e-6 * overall)
-        error = float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
-        assert error <= RTOL, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
+    """Within ``RTOL`` (a gradient that is zero but for rounding: of 1e-6 of the largest)."""
+    assert_close_trees(got, want, RTOL, zero_floor=1e-6)
 
 
 def compare(cell: LARNNCell, train: bool = True, x_shape=(B, T, D), **call) -> None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cell_cases import assert_close_trees
 
 from larnn_jax import BNLSTMCell, LARNNCell, LARNNLayer, native, scans
 from larnn_jax.cell import dropout_keep_mask
@@ -88,18 +89,8 @@ def run(scan: str, cell: LARNNCell, batch: int = B, train: bool = True, **call):
 
 
 def assert_same(got, want):
-    """Every leaf within :data:`RTOL` of its largest value, or, for a gradient that is zero but
-    for rounding (a bias just before a batch norm), of 1e-4 of the largest of all."""
-    leaves = [b for b in jax.tree.leaves(want) if b.dtype != jax.dtypes.float0 and b.size]
-    overall = max(float(np.abs(b).max()) for b in leaves)
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
-    ):
-        if a.dtype == jax.dtypes.float0 or a.size == 0:
-            continue
-        scale = max(float(np.abs(b).max()), 1e-4 * overall)
-        error = float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
-        assert error <= RTOL, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
+    """Within :data:`RTOL` (a gradient that is zero but for rounding: of 1e-4 of the largest)."""
+    assert_close_trees(got, want, RTOL, zero_floor=1e-4)
 
 
 def compare(cell: LARNNCell, batch: int = B, train: bool = True, **call) -> None:

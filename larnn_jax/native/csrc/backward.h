@@ -93,13 +93,14 @@ class Backward {
   struct Local {
     Array<T> alpha, d_alpha, factors;  // (k, np) each
     Array<uint32_t> words;  // random words for the dropout masks
-    Array<T> partial, row, scales, moments;
+    Array<T> partial, row, moments;
+    StepNorms<T> norms;
     T* accumulated;
     Local(const Layout<T>& L, T* accumulators)
         : alpha(L.k * L.np), d_alpha(L.k * L.np), factors(L.k * L.np),
           words(std::max(L.k * L.n, L.Hn) / 2 + 4 * kLanes<uint32_t>), partial(11 * L.Ha + 4 * L.G),
           row(std::max(7 * L.Ha + 2 * L.np, L.G) + kLanes<T>),
-          scales(3 * L.Ha + 2 * L.Hn + 2 * L.G + 4 * L.Hn), moments(4 * L.Ha),
+          moments(4 * L.Ha), norms(L),
           accumulated(accumulators) {}
   };
 
@@ -113,9 +114,7 @@ class Backward {
   }
   const T* keys_buffer() const { return saved(residual_.keys); }
   const T* values_buffer() const { return saved(residual_.values); }
-  int64_t count(int64_t b, int64_t t) const {
-    return std::min<int64_t>(int64_t(m_.in.count[b]) + t + 1, L_.k);
-  }
+  int64_t count(int64_t b, int64_t t) const { return m_.count(b, t); }
   const T* window_row(int kind, int64_t b, int64_t j, int64_t t) const {
     if (m_.options.positional) return window_.data() + ((kind * L_.B + b) * L_.k + j) * L_.Ha;
     return entry(kind == 0 ? keys_buffer() : values_buffer(), L_.T_ - t + j, b);
@@ -254,17 +253,7 @@ class Backward {
     // This step's norms, as the forward pass computed them.
     const T* stats = saved(residual_.stats) + t * L.stats_size();
     T* moments = local.moments.data();
-    T* key_scale = local.scales.data();
-    T* value_scale = key_scale + Ha;
-    T* value_shift = value_scale + Ha;
-    T* attention_scale = value_shift + Ha;
-    T* attention_shift = attention_scale + Hn;
-    T* gate_scale = attention_shift + Hn;
-    T* gate_shift = gate_scale + G;
-    T* cell_scale = gate_shift + G;
-    T* cell_shift = cell_scale + Hn;
-    T* output_scale = cell_shift + Hn;
-    T* output_shift = output_scale + Hn;
+    StepNorms<T>& norms = local.norms;
     auto norm_moments = [&](int64_t stats_offset, int64_t run) -> const T* {
       return o.training ? stats + stats_offset : m_.running.data() + run;
     };
@@ -273,23 +262,20 @@ class Backward {
     const T* cell_moments = norm_moments(L.stats_cell(), m_.run_cell);
     const T* output_moments = norm_moments(L.stats_output(), m_.run_output);
     norm_affine<T>(m_.attention_scale.data(), m_.attention_bias.data(), attention_moments,
-                   attention_moments + Hn, Hn, attention_scale, attention_shift);
+                   attention_moments + Hn, Hn, norms.attention_scale, norms.attention_shift);
     norm_affine<T>(m_.gate_scale.data(), m_.gate_bias.data(), gate_moments, gate_moments + G, G,
-                   gate_scale, gate_shift);
+                   norms.gate_scale, norms.gate_shift);
     norm_affine<T>(m_.cell_scale.data(), m_.cell_bias.data(), cell_moments, cell_moments + Hn, Hn,
-                   cell_scale, cell_shift);
+                   norms.cell_scale, norms.cell_shift);
     norm_affine<T>(m_.output_scale.data(), m_.output_bias.data(), output_moments,
-                   output_moments + Hn, Hn, output_scale, output_shift);
+                   output_moments + Hn, Hn, norms.output_scale, norms.output_shift);
     if (o.activation) {
       if (o.training) {
         m_.window_moments(stats, moments);
       } else {
         std::memcpy(moments, m_.running.data() + m_.run_key, sizeof(T) * 4 * Ha);
       }
-      T* ignored = value_shift;
-      norm_affine<T>(m_.key_scale.data(), nullptr, moments, moments + Ha, Ha, key_scale, ignored);
-      norm_affine<T>(m_.value_scale.data(), m_.value_bias.data(), moments + 2 * Ha,
-                     moments + 3 * Ha, Ha, value_scale, value_shift);
+      norms.set_window(m_, moments);
     }
 
     const T* z = saved(residual_.gates) + t * L.B * G;
@@ -308,7 +294,7 @@ class Backward {
       for (int64_t b = r0; b < r1; ++b) {
         T* zn = normalised_gates_.data() + b * G;
         for (int64_t i = 0; i < G; i += lanes) {
-          store(zn + i, load(z + b * G + i) * load(gate_scale + i) + load(gate_shift + i));
+          store(zn + i, load(z + b * G + i) * load(norms.gate_scale + i) + load(norms.gate_shift + i));
         }
         T* c = c_t + b * Hn;
         std::memset(c, 0, sizeof(T) * Hn);
@@ -316,7 +302,7 @@ class Backward {
         T* activation = cell_activation_.data() + b * Hn;
         T* x = output_input_.data() + b * Hn;
         for (int64_t i = 0; i < Hn; i += lanes) {
-          const Vec<T> e = velu<T>(load(c + i) * load(cell_scale + i) + load(cell_shift + i));
+          const Vec<T> e = velu<T>(load(c + i) * load(norms.cell_scale + i) + load(norms.cell_shift + i));
           store(activation + i, e);
           store(x + i, vsigmoid<T>(load(zn + 3 * Hn + i)) * e);
         }
@@ -332,7 +318,7 @@ class Backward {
     }
     // BN_h
     norm_backward(member, parity, output_input_.data(), dy_.data(), Hn, r0, r1, output_moments,
-                  output_moments + Hn, output_scale, accumulated + acc.output_scale,
+                  output_moments + Hn, norms.output_scale, accumulated + acc.output_scale,
                   accumulated + acc.output_bias, local);
     {
       Timed timed(kBackwardGates);
@@ -353,7 +339,7 @@ class Backward {
     }
     // BN_c
     norm_backward(member, parity, c_t, dy_.data(), Hn, r0, r1, cell_moments, cell_moments + Hn,
-                  cell_scale, accumulated + acc.cell_scale, accumulated + acc.cell_bias, local);
+                  norms.cell_scale, accumulated + acc.cell_scale, accumulated + acc.cell_bias, local);
     {
       Timed timed(kBackwardGates);
       // c_t = σ(f) c_{t-1} + σ(i) tanh(g)
@@ -381,7 +367,7 @@ class Backward {
     }
     // BN_z: dz, the cotangent of z (and of the gate terms)
     norm_backward(member, parity, z, d_gates_.data(), G, r0, r1, gate_moments, gate_moments + G,
-                  gate_scale, accumulated + acc.gate_scale, accumulated + acc.gate_bias, local);
+                  norms.gate_scale, accumulated + acc.gate_scale, accumulated + acc.gate_bias, local);
     {
       Timed timed(kBackwardGates);
       for (int64_t b = r0; b < r1; ++b) {
@@ -399,7 +385,7 @@ class Backward {
                 da_.data() + r0 * Hn, Hn, false);
     }
     norm_backward(member, parity, u, da_.data(), Hn, r0, r1, attention_moments,
-                  attention_moments + Hn, attention_scale, accumulated + acc.attention_scale,
+                  attention_moments + Hn, norms.attention_scale, accumulated + acc.attention_scale,
                   accumulated + acc.attention_bias, local);
     {
       Timed timed(kBackwardAttention);
@@ -411,7 +397,7 @@ class Backward {
           store(d + i, load(d + i) * velu_grad_from_output<T>(activation));
         }
         for (int64_t i = 0; i < H; ++i) {
-          a[i * L.T_ * L.B] = u[b * Hn + i] * attention_scale[i] + attention_shift[i];
+          a[i * L.T_ * L.B] = u[b * Hn + i] * norms.attention_scale[i] + norms.attention_shift[i];
         }
         std::memcpy(out_.attention + (t * L.B + b) * H, d, sizeof(T) * H);
       }
@@ -427,7 +413,7 @@ class Backward {
       Timed timed(kBackwardAttention);
       // The attention. Partial sums over this member's rows: the cotangents of the key scale, the
       // value scale and the value shift.
-      if (o.positional) window_features(t, r0, r1);
+      if (o.positional) m_.window_features(keys_buffer(), values_buffer(), t, r0, r1, window_.data());
       T* partial = local.partial.data();
       std::memset(partial, 0, sizeof(T) * 3 * Ha);
       T* d_key_scale = partial;
@@ -443,7 +429,7 @@ class Backward {
             const int64_t i = d * L.np + h;
             Vec<T> v = load(ctx + i);
             if (o.activation) {
-              v = v * load(value_scale + i) + load(total + h) * load(value_shift + i);
+              v = v * load(norms.value_scale + i) + load(total + h) * load(norms.value_shift + i);
             }
             store(att + i, v);
           }
@@ -459,13 +445,13 @@ class Backward {
               const Vec<T> g = load(datt + i);
               store(d_value_scale + i, load(d_value_scale + i) + g * load(ctx + i));
               store(d_value_shift + i, load(d_value_shift + i) + g * load(total + h));
-              store(d_total + h, load(d_total + h) + g * load(value_shift + i));
-              store(datt + i, g * load(value_scale + i));
+              store(d_total + h, load(d_total + h) + g * load(norms.value_shift + i));
+              store(datt + i, g * load(norms.value_scale + i));
             }
           }
         }
         T* dq = dqz_.data() + b * L.QZ;
-        attention_backward(t, b, query + b * Ha, key_scale, datt, d_total, maxima + b * L.np,
+        attention_backward(t, b, query + b * Ha, norms.key_scale, datt, d_total, maxima + b * L.np,
                            sums + b * L.np, dq, accumulated + acc.positions, local);
         // query = q * key scale: d q = d query * key scale; then q = elu(pre-activation)
         const T* q = query + b * Ha;
@@ -473,7 +459,7 @@ class Backward {
           Vec<T> g = load(dq + i);
           if (o.activation) {
             store(d_key_scale + i, load(d_key_scale + i) + g * load(q + i));
-            g = g * load(key_scale + i);
+            g = g * load(norms.key_scale + i);
           }
           store(dq + i, g * velu_grad_from_output<T>(load(q + i)));
         }
@@ -490,24 +476,6 @@ class Backward {
     }
     // The entry of c_{t-1} (slot T - t) has all its cotangent: every step that read it is done.
     enter_backward(t, r0, r1, local);
-  }
-
-  // The window's features with positional encoding, elu(E_j + P_j) (or E_j + P_j).
-  void window_features(int64_t t, int64_t r0, int64_t r1) {
-    const Layout<T>& L = L_;
-    for (int64_t b = r0; b < r1; ++b) {
-      for (int64_t j = 0; j < count(b, t); ++j) {
-        for (int kind = 0; kind < 2; ++kind) {
-          const T* e = entry(kind == 0 ? keys_buffer() : values_buffer(), L.T_ - t + j, b);
-          const T* p = m_.positions.data() + (kind * L.k + j) * L.Ha;
-          T* w = window_.data() + ((kind * L.B + b) * L.k + j) * L.Ha;
-          for (int64_t i = 0; i < L.Ha; i += kLanes<T>) {
-            const Vec<T> v = load(e + i) + load(p + i);
-            store(w + i, m_.options.activation ? velu<T>(v) : v);
-          }
-        }
-      }
-    }
   }
 
   // Adds the cotangent `d` (Ha) of sample b's window feature j (kind 0: key, 1: value) at step t

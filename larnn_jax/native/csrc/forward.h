@@ -61,12 +61,12 @@ class Forward {
     Array<T> partial;   // partial sums for a reduction, and their totals
     Array<T> row;       // (max(4 Ha, G))
     Array<T> stats;     // this step's batch statistics (Layout::stats_size)
-    Array<T> scales;    // this step's norms as affine maps
+    StepNorms<T> norms;
     explicit Local(const Layout<T>& L)
         : scores(L.k * L.np), factors(L.k * L.np),
           words(std::max(L.k * L.n, L.Hn) / 2 + 4 * kLanes<uint32_t>),
           partial(8 * L.Ha + 2 * L.G), row(std::max(4 * L.Ha, L.G)), stats(L.stats_size()),
-          scales(3 * L.Ha + 2 * L.Hn + 2 * L.G + 4 * L.Hn) {}
+          norms(L) {}
   };
 
   T* entry(T* buffer, int64_t slot, int64_t row) const {
@@ -148,9 +148,7 @@ class Forward {
     }
   }
 
-  int64_t count(int64_t b, int64_t t) const {
-    return std::min<int64_t>(int64_t(m_.in.count[b]) + t + 1, L_.k);
-  }
+  int64_t count(int64_t b, int64_t t) const { return m_.count(b, t); }
   // The window's key (kind 0) or value (kind 1) features of entry j of sample b at step t.
   const T* window_row(int kind, int64_t b, int64_t j, int64_t t) const {
     if (m_.options.positional) return window_.data() + ((kind * L_.B + b) * L_.k + j) * L_.Ha;
@@ -163,37 +161,13 @@ class Forward {
     const int64_t Ha = L.Ha, Hn = L.Hn, G = L.G;
     constexpr int lanes = kLanes<T>;
     T* stats = local.stats.data();
-    // The affine maps of this step's norms: key scale; value scale, shift (Ha each); then the
-    // attention's, gates', cell's and output's scales and shifts.
-    T* key_scale = local.scales.data();
-    T* value_scale = key_scale + Ha;
-    T* value_shift = value_scale + Ha;
-    T* attention_scale = value_shift + Ha;
-    T* attention_shift = attention_scale + Hn;
-    T* gate_scale = attention_shift + Hn;
-    T* gate_shift = gate_scale + G;
-    T* cell_scale = gate_shift + G;
-    T* cell_shift = cell_scale + Hn;
-    T* output_scale = cell_shift + Hn;
-    T* output_shift = output_scale + Hn;
+    StepNorms<T>& norms = local.norms;  // this step's norms as affine maps
 
     {
       Timed timed(kForwardWindow);
       // Positional encoding: the window's features, elu(E_j + P_j) (or E_j + P_j), for this step.
       if (o.positional) {
-        for (int64_t b = r0; b < r1; ++b) {
-          for (int64_t j = 0; j < count(b, t); ++j) {
-            for (int kind = 0; kind < 2; ++kind) {
-              const T* e = entry(kind == 0 ? keys_buffer() : values_buffer(), L.T_ - t + j, b);
-              const T* p = m_.positions.data() + (kind * L.k + j) * Ha;
-              T* w = window_.data() + ((kind * L.B + b) * L.k + j) * Ha;
-              for (int64_t i = 0; i < Ha; i += lanes) {
-                Vec<T> v = load(e + i) + load(p + i);
-                store(w + i, o.activation ? velu<T>(v) : v);
-              }
-            }
-          }
-        }
+        m_.window_features(keys_buffer(), values_buffer(), t, r0, r1, window_.data());
       }
 
       // The window's batch statistics (moments of the keys and values over the batch and the
@@ -206,10 +180,7 @@ class Forward {
         } else {
           std::memcpy(moments, running_.data() + m_.run_key, sizeof(T) * 4 * Ha);
         }
-        T* ignored = value_shift;  // the key norm's shift cancels in the softmax
-        norm_affine<T>(m_.key_scale.data(), nullptr, moments, moments + Ha, Ha, key_scale, ignored);
-        norm_affine<T>(m_.value_scale.data(), m_.value_bias.data(), moments + 2 * Ha,
-                       moments + 3 * Ha, Ha, value_scale, value_shift);
+        norms.set_window(m_, moments);
         if (o.training && member == 0) update_running(running_.data() + m_.run_key, moments, 4 * Ha);
       }
     }
@@ -239,7 +210,7 @@ class Forward {
         for (int64_t i = 0; i < Ha; i += lanes) {
           store(q + i, velu<T>(load(q + i) + load(qz + b * L.QZ + i)));
         }
-        attend(t, b, q, key_scale, context + b * Ha, maxima + b * L.np, sums + b * L.np,
+        attend(t, b, q, norms.key_scale, context + b * Ha, maxima + b * L.np, sums + b * L.np,
                totals + b * L.np, local);
         // attended = context * value scale + weight total * value shift
         T* att = attended_.data() + b * Ha;
@@ -248,7 +219,7 @@ class Forward {
             const int64_t i = d * L.np + h;
             Vec<T> v = load(context + b * Ha + i);
             if (o.activation) {
-              v = v * load(value_scale + i) + load(totals + b * L.np + h) * load(value_shift + i);
+              v = v * load(norms.value_scale + i) + load(totals + b * L.np + h) * load(norms.value_shift + i);
             }
             store(att + i, v);
           }
@@ -274,7 +245,7 @@ class Forward {
     }
     normalise(member, parity, u, Hn, r0, r1, m_.attention_scale.data(),
               m_.attention_bias.data(), m_.run_attention, stats + L.stats_attention(),
-              attention_scale, attention_shift, activated_.data(), local);
+              norms.attention_scale, norms.attention_shift, activated_.data(), local);
 
     // z = (W_x x_t + b) + (W_h h_{t-1} + W_a a_t); BN_z
     T* z = gate_rows(t);
@@ -298,7 +269,7 @@ class Forward {
       }
     }
     normalise(member, parity, z, G, r0, r1, m_.gate_scale.data(), m_.gate_bias.data(),
-              m_.run_gate, stats + L.stats_gates(), gate_scale, gate_shift, gates_.data(), local);
+              m_.run_gate, stats + L.stats_gates(), norms.gate_scale, norms.gate_shift, gates_.data(), local);
 
     {
       Timed timed(kForwardGates);
@@ -318,7 +289,7 @@ class Forward {
 
     // h_t = dropout(BN_h(σ(o) elu(BN_c(c_t))))
     normalise(member, parity, c_.data(), Hn, r0, r1, m_.cell_scale.data(), m_.cell_bias.data(),
-              m_.run_cell, stats + L.stats_cell(), cell_scale, cell_shift, normalised_.data(),
+              m_.run_cell, stats + L.stats_cell(), norms.cell_scale, norms.cell_shift, normalised_.data(),
               local);
     {
       Timed timed(kForwardGates);
@@ -331,8 +302,8 @@ class Forward {
       }
     }
     normalise(member, parity, normalised_.data(), Hn, r0, r1, m_.output_scale.data(),
-              m_.output_bias.data(), m_.run_output, stats + L.stats_output(), output_scale,
-              output_shift, h_.data(), local);
+              m_.output_bias.data(), m_.run_output, stats + L.stats_output(), norms.output_scale,
+              norms.output_shift, h_.data(), local);
     {
       Timed timed(kForwardGates);
       for (int64_t b = r0; b < r1; ++b) {

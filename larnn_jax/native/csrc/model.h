@@ -176,6 +176,31 @@ struct Model {
     }
   }
 
+  // How many entries sample b's window holds at step t.
+  int64_t count(int64_t b, int64_t t) const {
+    return std::min<int64_t>(int64_t(in.count[b]) + t + 1, layout.k);
+  }
+
+  // With positional encoding, the window's features of rows [r0, r1) at step t, elu(E_j + P_j)
+  // (or E_j + P_j without activation), into `window` (2, B, k, Ha), from the entries buffers.
+  void window_features(const T* keys, const T* values, int64_t t, int64_t r0, int64_t r1,
+                       T* window) const {
+    const Layout<T>& L = layout;
+    for (int64_t b = r0; b < r1; ++b) {
+      for (int64_t j = 0; j < count(b, t); ++j) {
+        for (int kind = 0; kind < 2; ++kind) {
+          const T* e = (kind == 0 ? keys : values) + L.entry_offset(L.T_ - t + j, b);
+          const T* p = positions.data() + (kind * L.k + j) * L.Ha;
+          T* w = window + ((kind * L.B + b) * L.k + j) * L.Ha;
+          for (int64_t i = 0; i < L.Ha; i += kLanes<T>) {
+            const Vec<T> v = load(e + i) + load(p + i);
+            store(w + i, options.activation ? velu<T>(v) : v);
+          }
+        }
+      }
+    }
+  }
+
   static T kept_factor(uint32_t levels) { return T(1.0 / (double(levels) / kDropoutLevels)); }
 
   RandomKey key(int64_t step, KeyIndex which) const {
@@ -238,6 +263,34 @@ struct Model {
   }
 };
 
+// A step's batch norms as affine maps (FeatureNorm.scale_and_shift): the window's key scale and
+// value scale and shift (head-minor, Ha; the key norm's shift cancels in the softmax), then the
+// scales and shifts of the attention output's (Hn), the gates' (G), the cell state's and the
+// output's (Hn) norms.
+template <typename T>
+struct StepNorms {
+  Array<T> storage;
+  T *key_scale, *value_scale, *value_shift, *attention_scale, *attention_shift, *gate_scale,
+      *gate_shift, *cell_scale, *cell_shift, *output_scale, *output_shift;
+
+  explicit StepNorms(const Layout<T>& L) : storage(3 * L.Ha + 2 * L.Hn + 2 * L.G + 4 * L.Hn) {
+    key_scale = storage.data();
+    value_scale = key_scale + L.Ha;
+    value_shift = value_scale + L.Ha;
+    attention_scale = value_shift + L.Ha;
+    attention_shift = attention_scale + L.Hn;
+    gate_scale = attention_shift + L.Hn;
+    gate_shift = gate_scale + L.G;
+    cell_scale = gate_shift + L.G;
+    cell_shift = cell_scale + L.Hn;
+    output_scale = cell_shift + L.Hn;
+    output_shift = output_scale + L.Hn;
+  }
+
+  // The window's maps from its moments: key mean, key var, value mean, value var (4 Ha).
+  void set_window(const Model<T>& model, const T* moments);
+};
+
 // Batch norm as an affine map, as FeatureNorm.scale_and_shift computes it:
 // scale = gamma * rsqrt(var + eps), shift = beta - mean * scale (beta null: no bias).
 template <typename T>
@@ -247,6 +300,15 @@ inline void norm_affine(const T* gamma, const T* beta, const T* mean, const T* v
     scale[i] = gamma[i] * (T(1) / std::sqrt(var[i] + T(kEpsilon)));
     shift[i] = (beta != nullptr ? beta[i] : T(0)) - mean[i] * scale[i];
   }
+}
+
+template <typename T>
+void StepNorms<T>::set_window(const Model<T>& model, const T* moments) {
+  const int64_t Ha = model.layout.Ha;
+  T* ignored = value_shift;  // written over next
+  norm_affine<T>(model.key_scale.data(), nullptr, moments, moments + Ha, Ha, key_scale, ignored);
+  norm_affine<T>(model.value_scale.data(), model.value_bias.data(), moments + 2 * Ha,
+                 moments + 3 * Ha, Ha, value_scale, value_shift);
 }
 
 // r <- momentum r + (1 - momentum) batch, as FeatureNorm updates its running averages.
