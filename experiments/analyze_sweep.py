@@ -19,15 +19,20 @@ Epochs are selected as in a single run (:func:`experiments.report.select_epoch`)
 validation accuracy, the latest of equal ones; its test accuracy is the honest figure.
 A trial's status is ``finished`` (all its epochs), ``stopped early`` (by ASHA), ``error``, or
 Tune's own status while unfinished (``pending``, ``running``, ``paused``).
+
+The sweep folder is read from its JSON and text files only (:func:`load_experiment`): the pickles
+it also holds are never loaded, so analysing a folder from elsewhere runs none of its code.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import math
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +41,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from ray.tune import ExperimentAnalysis
+from pyarrow import fs
 
 from experiments import cli
 from experiments.report import select_epoch
@@ -79,36 +84,89 @@ class TrialRecord:
 
 def describe_error(error: BaseException | str | None) -> str:
     """One line for a trial's error: ``Type: message`` of the exception the trial raised (Ray
-    wraps it, as the ``cause`` of a RayTaskError), or the last line of a text traceback."""
+    wraps it, as the ``cause`` of a RayTaskError), or the last line of a text traceback (Tune's
+    ``error.txt``), its type without its module (``DataError: ...`` for
+    ``experiments.data.dataset.DataError: ...``)."""
     if error is None:
         return ""
     if isinstance(error, BaseException):
         cause = getattr(error, "cause", None) or error
         return f"{type(cause).__name__}: {cause}".strip()
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    return re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", lines[-1]) if lines else "unknown error"
+
+
+#: Tune's record of an experiment, rewritten as it runs: the newest one is read.
+EXPERIMENT_STATE = "experiment_state-*.json"
 
 
 def load_experiment(path: str) -> list[TrialRecord]:
-    """Every trial of the Tune experiment at ``path`` (folder or URI), from its saved state."""
-    analysis = ExperimentAnalysis(path)
-    records = []
-    for trial in analysis.trials:
-        frame = analysis.trial_dataframes.get(trial.trial_id, pd.DataFrame())
-        rows = frame.to_dict("records") if "epoch" in frame else []
-        # A restored trial may have re-reported an epoch: keep the latest report of each.
-        by_epoch = {int(row["epoch"]): row for row in rows}
-        error = trial.get_pickled_error() or trial.get_error() if trial.status == "ERROR" else None
-        records.append(
-            TrialRecord(
-                trial_id=trial.trial_id,
-                tune_status=trial.status,
-                error=describe_error(error),
-                point=dict(trial.config),
-                history=[by_epoch[epoch] for epoch in sorted(by_epoch)],
-            )
-        )
+    """Every trial of the Tune experiment at ``path`` (folder or URI), read from its JSON and
+    text files only: Tune's newest ``experiment_state-*.json`` (each trial's status, point,
+    folder and error file) and each trial's ``result.json`` (its reports) and ``error.txt``.
+
+    Nothing is unpickled: Tune's own reader (``ray.tune.ExperimentAnalysis``) loads the pickles
+    that a sweep folder also holds (embedded in that JSON, ``params.pkl``, ``error.pkl``), which
+    run code when loaded; here a crafted folder can at most give wrong figures. (Resuming a
+    sweep, ``experiments.sweep --resume``, does load them: resume only sweeps you trust.)
+
+    Raises:
+        ValueError: ``path`` holds no Tune experiment, or a file of it is not what Tune writes.
+    """
+    filesystem, root = _filesystem(path)
+    try:
+        names = [info.base_name for info in filesystem.get_file_info(fs.FileSelector(root))]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no Tune experiment at {path}: {err}") from err
+    states = sorted(fnmatch.filter(names, EXPERIMENT_STATE))
+    if not states:
+        raise ValueError(f"no Tune experiment at {path}: it holds no {EXPERIMENT_STATE}")
+    try:
+        trial_data = json.loads(_read(filesystem, f"{root}/{states[-1]}"))["trial_data"]
+        records = [_trial_record(filesystem, root, *entry) for entry in trial_data]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not an experiment folder that Tune wrote ({err!r})") from err
     return records
+
+
+def _filesystem(path: str) -> tuple[fs.FileSystem, str]:
+    """The (pyarrow) file system of ``path`` (a folder or a URI such as ``s3://bucket/sweep``),
+    and the path within it."""
+    if "://" not in path:
+        path = str(pathlib.Path(path).absolute())
+    filesystem, root = fs.FileSystem.from_uri(path)
+    return filesystem, root.rstrip("/")
+
+
+def _read(filesystem: fs.FileSystem, path: str) -> str:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall().decode("utf-8")
+
+
+def _trial_record(
+    filesystem: fs.FileSystem, root: str, trial_json: str, metadata_json: str
+) -> TrialRecord:
+    """A trial from its entry in the experiment state (two JSON documents, read as plain JSON:
+    the pickles embedded in them stay hexadecimal text) and its folder's files."""
+    trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+    folder = f"{root}/{trial['relative_logdir']}"
+    rows = []
+    if filesystem.get_file_info(f"{folder}/result.json").type == fs.FileType.File:
+        rows = [
+            json.loads(line) for line in _read(filesystem, f"{folder}/result.json").splitlines()
+        ]
+    # A restored trial may have re-reported an epoch: keep the latest report of each.
+    by_epoch = {int(row["epoch"]): row for row in rows if "epoch" in row}
+    error = None
+    if trial["status"] == "ERROR" and metadata.get("error_filename"):
+        error = _read(filesystem, f"{folder}/{metadata['error_filename']}")
+    return TrialRecord(
+        trial_id=trial["trial_id"],
+        tune_status=trial["status"],
+        error=describe_error(error),
+        point=dict(trial["config"]),
+        history=[by_epoch[epoch] for epoch in sorted(by_epoch)],
+    )
 
 
 def _status(record: TrialRecord, epochs: int) -> str:

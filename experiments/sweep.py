@@ -17,7 +17,9 @@ URI; every node must reach it) holds Tune's experiment state and, per trial, its
 per-epoch results and latest checkpoints. Each trial's own run folder (``config.json``,
 ``metrics.jsonl``, report, figures) stays in its working directory on the node that ran it.
 Analyse with ``python -m experiments.analyze_sweep STORAGE/NAME``. A driver that stops (Ctrl+C, a
-crash, a lost connection) leaves an experiment that ``--resume`` continues.
+crash, a lost connection) leaves an experiment that ``--resume`` continues. Resuming loads the
+pickles Tune saved in the folder (its design): a crafted folder runs code, so resume only sweeps
+you trust (``experiments.analyze_sweep`` reads JSON and text only).
 
 Several machines: start Ray on each (``ray start --head`` on one, ``ray start --address HEAD:6379``
 on the others), install this package everywhere, and pass ``--address auto`` (or ``HEAD:6379``)

@@ -481,6 +481,94 @@ def test_describe_error() -> None:
     )
 
 
+class CodeThatRuns:
+    """Unpickled, it creates the file ``path``: what a crafted sweep folder could do."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def tune_experiment_folder(folder: pathlib.Path, trap: bytes) -> None:
+    """A Tune experiment folder as Ray 2 writes it (experiment_state JSON with pickles embedded
+    as hexadecimal text, and a folder per trial with result.json, error.txt, params.pkl,
+    error.pkl), every pickle in it being ``trap``: a trial that finished 3 epochs, one that
+    failed."""
+    pickled = {"_type": "CLOUDPICKLE_FALLBACK", "value": trap.hex()}
+    trials = {
+        "f_00000": ("TERMINATED", [0.5, 0.7, 0.6], None),
+        "f_00001": ("ERROR", [], "experiments.data.dataset.DataError: toy.npz: bad data"),
+    }
+    trial_data = []
+    for trial_id, (status, val, error) in trials.items():
+        point = {**TINY_SPACE.settings({"epochs": 3}), "num_heads": 2.0, "features": 4.0}
+        state = {"trial_id": trial_id, "status": status, "config": point, "storage": pickled}
+        state |= {"relative_logdir": f"trial_{trial_id}", "results": trap.hex()}
+        metadata = {
+            "error_filename": None,
+            "last_result_time": -math.inf,
+            "checkpoint_manager": pickled,
+        }
+        trial_folder = folder / f"trial_{trial_id}"
+        trial_folder.mkdir(parents=True)
+        (trial_folder / "params.json").write_text(json.dumps(point))
+        (trial_folder / "params.pkl").write_bytes(trap)
+        reports = [
+            {"epoch": epoch, "val_accuracy": v, "test_accuracy": v - 0.1, "config": point}
+            for epoch, v in enumerate(val, start=1)
+        ]
+        (trial_folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
+        if error is not None:
+            (trial_folder / "error.txt").write_text(f"Failure # 1\nTraceback\n  File x\n{error}\n")
+            (trial_folder / "error.pkl").write_bytes(trap)
+            metadata |= {"error_filename": "error.txt", "pickled_error_filename": "error.pkl"}
+        trial_data.append([json.dumps(state), json.dumps(metadata)])
+    for name in (
+        "experiment_state-2025-01-01_00-00-00.json",
+        "experiment_state-2025-01-02_00-00-00.json",
+    ):
+        (folder / name).write_text(json.dumps({"trial_data": trial_data, "runner_data": pickled}))
+    (folder / "tuner.pkl").write_bytes(trap)
+
+
+def test_analysis_reads_a_sweep_folder_without_unpickling_anything(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep folder is read from its JSON and text files: a crafted one (every pickle in it
+    creates a file when loaded, as Tune's own reader shows) runs no code."""
+    ran = tmp_path / "code-ran"
+    experiment = tmp_path / "sweeps" / "crafted"
+    tune_experiment_folder(experiment, pickle.dumps(CodeThatRuns(ran)))
+
+    records = analyze_sweep.load_experiment(str(experiment))
+    assert [(r.trial_id, r.tune_status, r.error) for r in records] == [
+        ("f_00000", "TERMINATED", ""),
+        ("f_00001", "ERROR", "DataError: toy.npz: bad data"),
+    ]
+    assert [line["val_accuracy"] for line in records[0].history] == [0.5, 0.7, 0.6]
+    out = tmp_path / "analysis"
+    assert analyze_sweep.main([str(experiment), "--out", str(out)]) == 0
+    assert "| f_00000 | finished | 3 |" in (out / "trials.md").read_text()
+    assert sweep.summarize(str(experiment), "RESUME") == 0
+    assert "trial f_00001 failed: DataError: toy.npz: bad data" in capsys.readouterr().out
+    assert not ran.exists()
+
+    from ray.tune import ExperimentAnalysis  # Tune's reader unpickles what the folder holds
+
+    with pytest.raises(Exception):  # noqa: B017 (the trap's file object is no trial storage)
+        ExperimentAnalysis(str(experiment))
+    assert ran.exists()
+
+
+def test_analysis_of_a_folder_without_an_experiment(tmp_path: pathlib.Path, capsys) -> None:
+    assert analyze_sweep.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no Tune experiment at {tmp_path}: it holds no experiment_state-*.json\n"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # A real sweep on a local Ray, small enough for every test run
 
@@ -544,7 +632,8 @@ def test_reduced_sweep_records_every_failure_and_resume_runs_nothing_again(
         (0.01, huge): (
             "ERROR",
             [],
-            "MemoryError: Unable to allocate 4.00 EiB for an array with shape "
+            # The class the trial raised, numpy's MemoryError (the last line of error.txt).
+            "_ArrayMemoryError: Unable to allocate 4.00 EiB for an array with shape "
             "(576460752303423488,) and data type float64",
         ),
         (0.01, good): ("TERMINATED", [1, 2], ""),
