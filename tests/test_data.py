@@ -837,6 +837,18 @@ def test_npz_class_names_and_classes_without_training_rows(
     ]
 
 
+def test_a_label_typo_stops_the_command_up_front(tmp_path: Path, capsys) -> None:
+    """1000 among the labels 0..4: one line naming the array and the row, exit status 1 (the
+    data is malformed), before any model of 1001 classes is built."""
+    path = save_npz(tmp_path, with_value("y_train", (7,), 1000)(npz_arrays()), name="typo.npz")
+    assert data_cli.main(["--spec", f"npz:{path}"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {path}: y_train[7] = 1000, but no row has a label in 5..999: labels must "
+        "number the classes 0..C-1 without gaps (a typo?), or class_names must name all C "
+        "classes\n"
+    )
+
+
 @pytest.mark.parametrize(("change", "pattern"), BAD_NPZ)
 def test_bad_npz_is_reported_with_key_and_index(tmp_path: Path, change, pattern: str) -> None:
     path = save_npz(tmp_path, change(npz_arrays()), name="bad.npz")
