@@ -89,8 +89,10 @@ def run(scan: str, cell: LARNNCell, batch: int = B, train: bool = True, **call):
 
 
 def assert_same(got, want):
-    """Within :data:`RTOL` (a gradient that is zero but for rounding: of 1e-4 of the largest)."""
-    assert_close_trees(got, want, RTOL, zero_floor=1e-4)
+    """Within :data:`RTOL` (a gradient that is zero but for rounding, such as a bias's just before a
+    batch norm: of 1e-2 of the largest gradient, i.e. within 1e-12 of it; both scans sum such a
+    gradient's rounding noise in a different order)."""
+    assert_close_trees(got, want, RTOL, zero_floor=1e-2)
 
 
 def compare(cell: LARNNCell, batch: int = B, train: bool = True, **call) -> None:
