@@ -44,7 +44,13 @@ def check_cell_norm_placement(placement: str) -> None:
 
 
 #: Resolution of the dropout decisions: 16 random bits each.
-_DROPOUT_LEVELS = 1 << 16
+DROPOUT_LEVELS = 1 << 16
+
+
+def dropout_keep_threshold(rate: float) -> int:
+    """A dropout decision keeps its element when its 16 random bits are below this threshold
+    (:data:`DROPOUT_LEVELS` at rate 0: always)."""
+    return round((1.0 - rate) * DROPOUT_LEVELS)
 
 
 def dropout_keep_mask(
@@ -59,11 +65,11 @@ def dropout_keep_mask(
     Returns:
       A boolean mask of ``shape`` and the keep probability it was drawn with.
     """
-    levels = round((1.0 - rate) * _DROPOUT_LEVELS)
+    levels = dropout_keep_threshold(rate)
     size = math.prod(shape)
     words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
-    return (halves < levels).reshape(shape), levels / _DROPOUT_LEVELS
+    return (halves < levels).reshape(shape), levels / DROPOUT_LEVELS
 
 
 def dropout_factors(

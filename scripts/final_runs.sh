@@ -44,10 +44,12 @@ train_and_collect() {  # NAME FLAGS...; leaves RUNS_DIR/NAME.failed if the run f
   local name="$1"
   shift
   rm -f "$runs/$name.failed"
+  local resume=()  # continue a run that an interruption stopped
+  [ ! -f "$runs/$name/config.json" ] || resume=(--resume)
   echo "$name: training (log: $runs/$name.log)"
   # shellcheck disable=SC2086  # TRAIN_ARGS is split into flags on purpose
   if "${train[@]}" "$@" "${recipe[@]}" --no-progress ${TRAIN_ARGS:-} --out "$runs/$name" \
-    --resume >>"$runs/$name.log" 2>&1 &&
+    "${resume[@]}" >>"$runs/$name.log" 2>&1 &&
     mkdir -p "results/uci_har/$name" &&
     cp "$runs/$name/config.json" "$runs/$name/metrics.jsonl" "$runs/$name/report.json" \
       "results/uci_har/$name/"; then

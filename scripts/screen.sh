@@ -35,10 +35,12 @@ mkdir -p "$runs" "$results"
 for name in "${names[@]}"; do
   for seed in ${SEEDS:-0 1 2}; do
     run="$name-seed$seed"
+    resume=()  # continue a run that an interruption stopped
+    [ ! -f "$runs/$run/config.json" ] || resume=(--resume)
     echo "$(date -Is) $run: training (log: $runs/$run.log)"
     # shellcheck disable=SC2086  # a variant's flags are split into words on purpose
     "$python" -m experiments.train "${common[@]}" ${variants[$name]} --seed "$seed" \
-      --out "$runs/$run" --resume >>"$runs/$run.log" 2>&1
+      --out "$runs/$run" "${resume[@]}" >>"$runs/$run.log" 2>&1
     mkdir -p "$results/$run"
     cp "$runs/$run/config.json" "$runs/$run/metrics.jsonl" "$runs/$run/report.json" "$results/$run/"
     echo "$(date -Is) $run: done"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +217,29 @@ def test_norm_scale_init_sets_the_initial_gamma_of_the_gate_and_cell_norms(model
     assert others and all(np.all(scales[name] == 1.0) for name in others)
     with pytest.raises(ConfigError, match="norm_scale_init must be > 0"):
         TrainConfig(norm_scale_init=0.0)
+
+
+def test_the_screening_script_resumes_only_the_runs_it_started(tmp_path: pathlib.Path) -> None:
+    """``scripts/screen.sh`` asks ``--resume`` only of a run folder that holds a run (training
+    refuses to resume a folder without one), and copies each finished run's files."""
+    calls = tmp_path / "calls.txt"
+    trainer = tmp_path / "python"  # stands in for the interpreter: records, makes a run's files
+    trainer.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {calls}\n'
+        'while [ "$1" != --out ]; do shift; done\n'
+        'mkdir -p "$2" && for f in config.json metrics.jsonl report.json; do echo {} > "$2/$f"; done\n'
+    )
+    trainer.chmod(0o755)
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "screen.sh"
+    env = {**os.environ, "PYTHON": str(trainer), "SEEDS": "0", "RESULTS": str(tmp_path / "results")}
+    for _ in range(2):
+        subprocess.run(["bash", str(script), str(tmp_path / "runs"), "warp02"], env=env, check=True)
+    first, second = calls.read_text().splitlines()
+    assert "--time-warp-sigma 0.2 --seed 0" in first and "--resume" not in first
+    assert second.endswith(f"--out {tmp_path / 'runs' / 'warp02-seed0'} --resume")
+    assert sorted(p.name for p in (tmp_path / "results" / "warp02-seed0").iterdir()) == [
+        "config.json",
+        "metrics.jsonl",
+        "report.json",
+    ]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from larnn_jax.cell import _DROPOUT_LEVELS, InputTerms, LARNNCarry, LARNNCell
+from larnn_jax.cell import InputTerms, LARNNCarry, LARNNCell, dropout_keep_threshold
 from larnn_jax.native import build
 from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState, positional_encoding
@@ -372,13 +372,10 @@ def _weights(cell: LARNNCell, params: PyTree, norms: jax.Array, dtype: DTypeLike
 def dropout_levels(cell: LARNNCell) -> tuple[int, int, int]:
     """The keep thresholds of the key/value, attention and output dropouts (``2^16``: none)."""
     rates = (cell.kv_dropout_rate, cell.attention_dropout_rate, cell.dropout_rate)
-    if cell.deterministic:
-        return _DROPOUT_LEVELS, _DROPOUT_LEVELS, _DROPOUT_LEVELS
-
-    def levels(rate: float) -> int:
-        return _DROPOUT_LEVELS if rate == 0.0 else round((1.0 - rate) * _DROPOUT_LEVELS)
-
-    return levels(rates[0]), levels(rates[1]), levels(rates[2])
+    kv, attention, output = (
+        dropout_keep_threshold(0.0 if cell.deterministic else r) for r in rates
+    )
+    return kv, attention, output
 
 
 def _draw_entering_key(module: LARNNCell) -> jax.Array:
