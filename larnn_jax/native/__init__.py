@@ -4,7 +4,7 @@ On the CPU, XLA executes a LARNN layer's step as a chain of about 620 small oper
 paying dispatch and a pass over memory (BENCHMARKS.md, *Where the time goes*). The native step runs
 the whole sequence of one layer in one call (and its backward pass in another), with the window
 read in place, and leaves XLA what is large and outside the recurrence: the input terms and the
-weights' gradients. Same results as :func:`larnn_jax.ops.window_scan` to float rounding, with the
+weights' gradients. Same results as :func:`larnn_jax.scans.window_scan.window_scan` to float rounding, with the
 same dropout masks (``tests/test_native.py``).
 
 The library is compiled on first use with the system's C++ compiler (see
