@@ -181,7 +181,7 @@ def _check_common(features: int, dropout_rates: dict[str, float]) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {rate}")
 
 
-def _check_input(x: jax.Array, h: jax.Array, input_projection: nn.Dense, other: int) -> None:
+def _check_input(x: jax.Array, h: jax.Array, input_projection: nn.Module, other: int) -> None:
     """Checks a step's input ``x`` ``(B, D)`` against the carry ``h`` ``(B, H)`` and the weights.
 
     ``input_projection`` is the first dense layer that reads ``x``, with ``other`` more input

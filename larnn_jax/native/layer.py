@@ -5,12 +5,13 @@ What runs natively is the recurrence (``csrc/forward.h``, ``csrc/backward.h``): 
 products with the recurrent weights, the window's attention and statistics, the batch norms
 (coupling the samples of the batch at every step), the LSTM update and the dropout masks (drawn
 from the same keys, with the same Threefry bits as :func:`larnn_jax.cell.dropout_keep_mask`).
-What does not depend on the previous step stays with XLA: the input terms (one product before the
-scan) and the weights' gradients, one product over all ``T·B`` rows each, from the activations
-and pre-activation cotangents that the native backward pass writes out.
+The input terms ``W_q^x x_t + b_q`` and ``W_x x_t + b`` are computed step by step with the
+recurrent products, in the same pass. What does not depend on the previous step stays with XLA:
+the weights' gradients and the input sequence's cotangent, one product over all ``T·B`` rows each,
+from the activations and pre-activation cotangents that the native backward pass writes out.
 
-Shapes: time ``T``, batch ``B``, features ``H``, window ``k``; ``S`` is 4 where the window carries
-moment sums, else 0.
+Shapes: time ``T``, batch ``B``, input features ``D``, features ``H``, window ``k``; ``S`` is 4
+where the window carries moment sums, else 0.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from larnn_jax.cell import InputTerms, LARNNCarry, LARNNCell, dropout_keep_threshold
+from larnn_jax.cell import LARNNCarry, LARNNCell, dropout_keep_threshold
 from larnn_jax.native import build
 from larnn_jax.typing import PyTree
 from larnn_jax.window import WindowState, positional_encoding
@@ -33,6 +34,7 @@ from larnn_jax.window import WindowState, positional_encoding
 class Config(NamedTuple):
     """The static attributes of a native call (see ``csrc/layout.h``, ``Options``)."""
 
+    features: int
     heads: int
     window: int
     training: bool
@@ -51,6 +53,10 @@ class Weights(NamedTuple):
     (zeros without it); ``norms``: the norms' scales and biases concatenated (``NormOffsets``).
     """
 
+    query_input_kernel: jax.Array  # (D, H): W_q^x
+    query_bias: jax.Array  # (H,)
+    gate_input_kernel: jax.Array  # (D, 4H): W_x
+    gate_bias: jax.Array  # (4H,)
     query_kernel: jax.Array
     hidden_kernel: jax.Array
     attention_kernel: jax.Array
@@ -65,10 +71,9 @@ class Weights(NamedTuple):
 
 
 class Inputs(NamedTuple):
-    """The sequence's input terms and the initial carry (differentiated)."""
+    """The layer's input sequence and the initial carry (differentiated)."""
 
-    query_terms: jax.Array  # (T, B, H)
-    gate_terms: jax.Array  # (T, B, 4H)
+    sequence: jax.Array  # (T, B, D)
     h: jax.Array  # (B, H)
     c: jax.Array  # (B, H)
     window_keys: jax.Array  # (B, k-1, H)
@@ -100,14 +105,14 @@ def _attributes(config: Config, save_residuals: bool) -> dict[str, np.int64]:
 
 
 def _residual_size(config: Config, inputs: Inputs, full: bool) -> int:
-    steps, batch, features = inputs.query_terms.shape
+    steps, batch, _ = inputs.sequence.shape
     return build.load().larnn_residual_size(
         batch,
         steps,
-        features,
+        config.features,
         config.heads,
         config.window,
-        inputs.query_terms.dtype == jnp.float64,
+        inputs.sequence.dtype == jnp.float64,
         config.positional,
         config.activation,
         full,
@@ -117,7 +122,7 @@ def _residual_size(config: Config, inputs: Inputs, full: bool) -> int:
 def _forward_arguments(weights: Weights, inputs: Inputs, constants: Constants) -> list[jax.Array]:
     """The forward call's buffers, in ``larnn_ffi.cc``'s ``ForwardArgument`` order."""
     return [
-        *inputs[:6],
+        *inputs[:5],
         constants.window_count,
         inputs.moment_sums,
         constants.keys,
@@ -130,8 +135,9 @@ def _forward_arguments(weights: Weights, inputs: Inputs, constants: Constants) -
 def _forward(
     config: Config, weights: Weights, inputs: Inputs, constants: Constants, save: bool
 ) -> tuple[Results, jax.Array]:
-    steps, batch, features = inputs.query_terms.shape
-    dtype = inputs.query_terms.dtype
+    steps, batch, _ = inputs.sequence.shape
+    features = config.features
+    dtype = inputs.sequence.dtype
 
     def shaped(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -169,8 +175,9 @@ def _layer_backward(
     config: Config, saved: tuple, d_results: Results
 ) -> tuple[Weights, Inputs, Constants]:
     weights, inputs, constants, outputs, cells, residual = saved
-    steps, batch, features = inputs.query_terms.shape
-    dtype = inputs.query_terms.dtype
+    steps, batch, _ = inputs.sequence.shape
+    features = config.features
+    dtype = inputs.sequence.dtype
 
     def shaped(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -235,7 +242,14 @@ def _layer_backward(
         return transposed @ b.reshape(steps * batch, -1)
 
     d_keys, d_values = jnp.split(d_entries, 2, axis=-1)
+    # The input terms' cotangents are those of the pre-activations they are part of.
+    sequence = inputs.sequence
+    d_sequence = d_query @ weights.query_input_kernel.T + d_gates @ weights.gate_input_kernel.T
     d_weights = Weights(
+        query_input_kernel=jnp.einsum("tbd,tbh->dh", sequence, d_query),
+        query_bias=jnp.sum(d_query, axis=(0, 1)),
+        gate_input_kernel=jnp.einsum("tbd,tbh->dh", sequence, d_gates),
+        gate_bias=jnp.sum(d_gates, axis=(0, 1)),
         query_kernel=product(h_before, d_query),
         hidden_kernel=product(h_before, d_gates),
         attention_kernel=product(activated, d_gates),
@@ -248,7 +262,7 @@ def _layer_backward(
         positions=d_positions,
         norms=d_norms,
     )
-    d_inputs = Inputs(d_query, d_gates, d_h, d_c, d_window_keys, d_window_values, d_sums)
+    d_inputs = Inputs(d_sequence, d_h, d_c, d_window_keys, d_window_values, d_sums)
     d_constants = Constants(
         window_count=_no_cotangent(constants.window_count),
         keys=_no_cotangent(constants.keys),
@@ -341,11 +355,14 @@ def _with_running(stats: PyTree, running: jax.Array, features: int) -> PyTree:
 def _weights(cell: LARNNCell, params: PyTree, norms: jax.Array, dtype: DTypeLike) -> Weights:
     features = cell.features
     if cell.mode == "residual":
+        gate_input, gate_bias = params["input_gates"]["kernel"], params["input_gates"]["bias"]
         hidden = params["hidden_gates"]["kernel"]
         attention = params["attention_gates"]["kernel"]
     else:  # one kernel on [x ; h ; a]
-        gates = params["gates"]["kernel"]
+        gates, gate_bias = params["gates"]["kernel"], params["gates"]["bias"]
+        gate_input = gates[: -2 * features]
         hidden, attention = gates[-2 * features : -features], gates[-features:]
+    query = params["query"]
     if cell.use_positional_encoding:
         table = jnp.asarray(positional_encoding(cell.window_size, dtype))
         positions = jnp.stack(
@@ -355,7 +372,11 @@ def _weights(cell: LARNNCell, params: PyTree, norms: jax.Array, dtype: DTypeLike
         positions = jnp.zeros((2, cell.window_size, features), dtype)
     key = params["key"]
     return Weights(
-        query_kernel=params["query"]["kernel"][-features:],
+        query_input_kernel=query["kernel"][:-features],
+        query_bias=query["bias"],
+        gate_input_kernel=gate_input,
+        gate_bias=gate_bias,
+        query_kernel=query["kernel"][-features:],
         hidden_kernel=hidden,
         attention_kernel=attention,
         key_kernel=key["kernel"],
@@ -421,7 +442,7 @@ def run(
     params: PyTree,
     stats: PyTree,
     carry: LARNNCarry,
-    terms: InputTerms,
+    sequence: jax.Array,
     keys: jax.Array | None,
     last: jax.Array,
 ) -> tuple[jax.Array, LARNNCarry, PyTree]:
@@ -432,7 +453,7 @@ def run(
       cell: the cell, in the mode to run (``deterministic``).
       params, stats: its ``params`` and ``batch_stats`` collections.
       carry: the initial carry.
-      terms: the cell's input terms, ``(T, B, H)`` and ``(T, B, 4H)``.
+      sequence: the inputs ``(T, B, D)`` (their number of features checked by the caller).
       keys: ``(T + 1, 3, 2)`` uint32 from :func:`mask_keys`, or None without dropout.
       last: ``(B,)`` int, the step after which each sample's final carry is taken.
 
@@ -440,12 +461,13 @@ def run(
       The outputs ``(T, B, H)``, the final carry and the running statistics after the sequence
       (``stats`` itself in evaluation).
     """
-    query_terms, gate_terms = terms
-    dtype = query_terms.dtype
-    steps, batch, features = query_terms.shape
+    dtype = sequence.dtype
+    steps, batch, _ = sequence.shape
+    features = cell.features
     training = not cell.deterministic
     kv_levels, attention_levels, output_levels = dropout_levels(cell)
     config = Config(
+        features=features,
         heads=cell.num_heads,
         window=cell.window_size,
         training=training,
@@ -464,8 +486,7 @@ def run(
     last = jnp.clip(jnp.where(last < 0, last + steps, last), 0, steps - 1)
     window = carry.window
     inputs = Inputs(
-        query_terms,
-        gate_terms,
+        sequence,
         carry.h,
         carry.c,
         window.key_entries,

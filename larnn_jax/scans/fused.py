@@ -4,7 +4,8 @@ Same variables (``cell/...`` under this module, as under ``nn.RNN``) and the sam
 float rounding as the plain scan over the cell, but:
 
 * the input terms of every step (``W_q^x x_t + b_q`` and ``W_x x_t + b``) are one matrix
-  product over the whole sequence before the scan;
+  product over the whole sequence before the scan (the native step computes them step by step
+  with the recurrent products);
 * the window lives in buffers written once per step, and the gradient keeps ``O(T·H)`` per
   sample instead of every step's window (see :mod:`larnn_jax.scans.window_scan`);
 * dropout keys are ``split(make_rng('dropout'), T)``, one per step: the masks are other draws
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import PRNGKey
 
-from larnn_jax.cell import LARNNCarry, LARNNCell
+from larnn_jax.cell import LARNNCarry, LARNNCell, _check_input
 from larnn_jax.native import layer as native_layer
 from larnn_jax.scans.window_scan import ScanResult, StepFunction, window_scan
 from larnn_jax.typing import PyTree
@@ -61,7 +62,6 @@ class FusedScan(nn.Module):
             initial_carry = cell.initialize_carry(key, inputs.shape[1:])
         if self.is_initializing():  # the cell's own step creates every variable the scan reads
             cell(initial_carry, inputs[0])
-        terms = cell.input_terms(inputs)  # (T, B, ·): one product for the whole sequence
         variables = cell.variables
         stats = variables.get("batch_stats", {})
         training = not cell.deterministic
@@ -80,19 +80,21 @@ class FusedScan(nn.Module):
             def wrap_key(data: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
                 return None, None
 
-        if self.native:
+        if self.native:  # the input terms are computed step by step, natively
+            _check_input(inputs[0], initial_carry.h, cell.query, other=cell.features)
             outputs, final, stats_after = native_layer.run(
                 cell,
                 variables["params"],
                 stats,
                 initial_carry,
-                terms,
+                inputs,
                 native_layer.mask_keys(cell, keys, impl) if cell.draws_dropout else None,
                 _last_steps(steps, initial_carry.h.shape[0], seq_lengths),
             )
             if stats and training:
                 _put_collection(cell, "batch_stats", stats_after)
             return final, outputs
+        terms = cell.input_terms(inputs)  # (T, B, ·): one product for the whole sequence
         enter, step_over_window = _pure_step(cell.clone(parent=None), bool(stats) and training)
         result = window_scan(
             StepFunction(enter, step_over_window, wrap_key),

@@ -185,17 +185,19 @@ class Forward {
       }
     }
 
-    // [q | W_h h] = h_{t-1} @ [W_q^h | W_h]
+    // [q | z] = x_t @ [W_q^x | W_x] + h_{t-1} @ [W_q^h | W_h] (the biases b0 are added below)
     T* qz = qz_.data();
     {
       Timed timed(kForwardProducts);
       if (r1 > r0) {
+        matmul<T>(r1 - r0, L.QZ, L.D, m_.in.sequence + (t * L.B + r0) * L.D, L.D, m_.W0.data(),
+                  L.QZ, qz + r0 * L.QZ, L.QZ, false);
         matmul<T>(r1 - r0, L.QZ, L.H, h_.data() + r0 * Hn, Hn, m_.W1.data(), L.QZ, qz + r0 * L.QZ,
-                  L.QZ, false);
+                  L.QZ, true);
       }
     }
 
-    // q = elu(W_q^x x_t + b_q + W_q^h h_{t-1}), head-minor; then the attention of each sample.
+    // q = elu(W_q [x_t ; h_{t-1}] + b_q), head-minor; then the attention of each sample.
     T* query = query_rows(t);
     T* context = context_rows(t);
     T* maxima = softmax_rows(t, 0);
@@ -203,12 +205,11 @@ class Forward {
     T* totals = softmax_rows(t, 2);
     {
       Timed timed(kForwardAttention);
+      const T* query_bias = m_.input_bias.data();
       for (int64_t b = r0; b < r1; ++b) {
         T* q = query + b * Ha;
-        std::memset(q, 0, sizeof(T) * Ha);
-        m_.to_head_minor(m_.in.query_terms + (t * L.B + b) * L.H, q);
         for (int64_t i = 0; i < Ha; i += lanes) {
-          store(q + i, velu<T>(load(q + i) + load(qz + b * L.QZ + i)));
+          store(q + i, velu<T>(load(qz + b * L.QZ + i) + load(query_bias + i)));
         }
         attend(t, b, q, norms.key_scale, context + b * Ha, maxima + b * L.np, sums + b * L.np,
                totals + b * L.np, local);
@@ -247,7 +248,7 @@ class Forward {
               m_.attention_bias.data(), m_.run_attention, stats + L.stats_attention(),
               norms.attention_scale, norms.attention_shift, activated_.data(), local);
 
-    // z = (W_x x_t + b) + (W_h h_{t-1} + W_a a_t); BN_z
+    // z = (W_x x_t + W_h h_{t-1} + b) + W_a a_t; BN_z
     T* z = gate_rows(t);
     T* a_terms = gates_.data();
     if (r1 > r0) {
@@ -259,12 +260,10 @@ class Forward {
       Timed timed(kForwardGates);
       for (int64_t b = r0; b < r1; ++b) {
         T* zb = z + b * G;
+        const T* gate_bias = m_.input_bias.data() + Ha;
         for (int64_t i = 0; i < G; i += lanes) {
-          store(zb + i, load(qz + b * L.QZ + Ha + i) + load(a_terms + b * G + i));
-        }
-        const T* x = m_.in.gate_terms + (t * L.B + b) * 4 * L.H;
-        for (int64_t g = 0; g < 4; ++g) {
-          for (int64_t i = 0; i < L.H; ++i) zb[g * Hn + i] = x[g * L.H + i] + zb[g * Hn + i];
+          store(zb + i,
+                (load(qz + b * L.QZ + Ha + i) + load(gate_bias + i)) + load(a_terms + b * G + i));
         }
       }
     }

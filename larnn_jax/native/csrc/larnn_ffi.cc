@@ -17,8 +17,8 @@ namespace {
 
 // Forward arguments (the backward pass takes them too, then kBackwardArguments).
 enum ForwardArgument : int {
-  kQueryTerms, kGateTerms, kH0, kC0, kWindowKeys, kWindowValues, kCount, kMomentSums, kKeys,
-  kLast, kQueryKernel, kHiddenKernel, kAttentionKernel, kKeyKernel, kKeyBias, kValueKernel,
+  kSequence, kH0, kC0, kWindowKeys, kWindowValues, kCount, kMomentSums, kKeys, kLast,
+  kQueryInputKernel, kQueryBias, kGateInputKernel, kGateBias, kQueryKernel, kHiddenKernel, kAttentionKernel, kKeyKernel, kKeyBias, kValueKernel,
   kValueBias, kOutputKernel, kOutputBias, kPositions, kNorms, kRunning, kForwardArguments
 };
 enum BackwardArgument : int {
@@ -49,7 +49,7 @@ ffi::ErrorOr<int64_t> int_attribute(const ffi::Dictionary& attrs, const char* na
   return *value;
 }
 
-ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& query_terms,
+ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& sequence,
                                bool training_needs_residuals) {
   Call call{};
   int64_t values[10];
@@ -61,9 +61,11 @@ ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffe
     if (!value.has_value()) return ffi::Unexpected(value.error());
     values[i] = *value;
   }
-  const auto dims = query_terms.dimensions();
-  if (dims.size() != 3) return ffi::Unexpected(ffi::Error::InvalidArgument("query terms: rank"));
-  call.shape = Shape{dims[1], dims[0], dims[2], values[0], values[1]};
+  const auto dims = sequence.dimensions();
+  if (dims.size() != 3) return ffi::Unexpected(ffi::Error::InvalidArgument("sequence: rank"));
+  auto features = int_attribute(attrs, "features");
+  if (!features.has_value()) return ffi::Unexpected(features.error());
+  call.shape = Shape{dims[1], dims[0], *features, values[0], values[1], dims[2]};
   call.options.training = values[2] != 0;
   call.options.positional = values[3] != 0;
   call.options.activation = values[4] != 0;
@@ -74,7 +76,8 @@ ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffe
   call.options.output_levels = dropping ? uint32_t(values[8]) : kDropoutLevels;
   call.options.threads = int(values[9]);
   const Shape& s = call.shape;
-  if (s.heads < 1 || s.features % s.heads != 0 || s.window < 1 || s.batch < 1 || s.steps < 1) {
+  if (s.heads < 1 || s.features < 1 || s.features % s.heads != 0 || s.window < 1 ||
+      s.batch < 1 || s.steps < 1 || s.inputs < 1) {
     return ffi::Unexpected(ffi::Error::InvalidArgument("inconsistent LARNN shape attributes"));
   }
   return call;
@@ -110,7 +113,7 @@ constexpr ffi::DataType float_type() {
 template <typename T>
 ffi::ErrorOr<Inputs<T>> decode_inputs(const ffi::RemainingArgs& args, const Call& call) {
   const Sizes<T> z(call.shape, call.options);
-  const int64_t B = z.B, Ts = z.T_, H = z.H, k = z.k;
+  const int64_t B = z.B, Ts = z.T_, H = z.H, k = z.k, D = call.shape.inputs;
   struct Expect {
     int index;
     ffi::DataType type;
@@ -119,8 +122,7 @@ ffi::ErrorOr<Inputs<T>> decode_inputs(const ffi::RemainingArgs& args, const Call
   };
   const ffi::DataType F = float_type<T>();
   const Expect expected[] = {
-      {kQueryTerms, F, Ts * B * H, "query terms"},
-      {kGateTerms, F, Ts * B * 4 * H, "gate terms"},
+      {kSequence, F, Ts * B * D, "sequence"},
       {kH0, F, B * H, "h0"},
       {kC0, F, B * H, "c0"},
       {kWindowKeys, F, B * (k - 1) * H, "window keys"},
@@ -129,6 +131,10 @@ ffi::ErrorOr<Inputs<T>> decode_inputs(const ffi::RemainingArgs& args, const Call
       {kMomentSums, F, B * z.S * H, "moment sums"},
       {kKeys, ffi::DataType::U32, (Ts + 1) * 3 * 2, "dropout keys"},
       {kLast, ffi::DataType::S32, B, "last steps"},
+      {kQueryInputKernel, F, D * H, "query input kernel"},
+      {kQueryBias, F, H, "query bias"},
+      {kGateInputKernel, F, D * 4 * H, "gate input kernel"},
+      {kGateBias, F, 4 * H, "gate bias"},
       {kQueryKernel, F, H * H, "query kernel"},
       {kHiddenKernel, F, H * 4 * H, "hidden kernel"},
       {kAttentionKernel, F, H * 4 * H, "attention kernel"},
@@ -152,8 +158,7 @@ ffi::ErrorOr<Inputs<T>> decode_inputs(const ffi::RemainingArgs& args, const Call
   }
   auto f = [&](int i) { return static_cast<const T*>(data[i]); };
   Inputs<T> in;
-  in.query_terms = f(kQueryTerms);
-  in.gate_terms = f(kGateTerms);
+  in.sequence = f(kSequence);
   in.h0 = f(kH0);
   in.c0 = f(kC0);
   in.window_keys = f(kWindowKeys);
@@ -162,6 +167,10 @@ ffi::ErrorOr<Inputs<T>> decode_inputs(const ffi::RemainingArgs& args, const Call
   in.moment_sums = f(kMomentSums);
   in.keys = static_cast<const uint32_t*>(data[kKeys]);
   in.last = static_cast<const int32_t*>(data[kLast]);
+  in.query_input_kernel = f(kQueryInputKernel);
+  in.query_bias = f(kQueryBias);
+  in.gate_input_kernel = f(kGateInputKernel);
+  in.gate_bias = f(kGateBias);
   in.query_kernel = f(kQueryKernel);
   in.hidden_kernel = f(kHiddenKernel);
   in.attention_kernel = f(kAttentionKernel);
@@ -293,23 +302,23 @@ ffi::Error backward(ffi::ThreadPool pool, const ffi::RemainingArgs& args,
 
 ffi::Error forward_handler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
                            ffi::Dictionary attrs) {
-  auto terms = args.get<ffi::AnyBuffer>(kQueryTerms);
-  if (!terms.has_value()) return terms.error();
-  auto call = decode_call(attrs, *terms, false);
+  auto sequence = args.get<ffi::AnyBuffer>(kSequence);
+  if (!sequence.has_value()) return sequence.error();
+  auto call = decode_call(attrs, *sequence, false);
   if (!call.has_value()) return call.error();
-  if (terms->element_type() == ffi::DataType::F32) return forward<float>(pool, args, rets, *call);
-  if (terms->element_type() == ffi::DataType::F64) return forward<double>(pool, args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F32) return forward<float>(pool, args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F64) return forward<double>(pool, args, rets, *call);
   return ffi::Error::InvalidArgument("the native LARNN step takes float32 or float64");
 }
 
 ffi::Error backward_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
                             ffi::RemainingRets rets, ffi::Dictionary attrs) {
-  auto terms = args.get<ffi::AnyBuffer>(kQueryTerms);
-  if (!terms.has_value()) return terms.error();
-  auto call = decode_call(attrs, *terms, true);
+  auto sequence = args.get<ffi::AnyBuffer>(kSequence);
+  if (!sequence.has_value()) return sequence.error();
+  auto call = decode_call(attrs, *sequence, true);
   if (!call.has_value()) return call.error();
-  if (terms->element_type() == ffi::DataType::F32) return backward<float>(pool, args, rets, *call);
-  if (terms->element_type() == ffi::DataType::F64) {
+  if (sequence->element_type() == ffi::DataType::F32) return backward<float>(pool, args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F64) {
     return backward<double>(pool, args, rets, *call);
   }
   return ffi::Error::InvalidArgument("the native LARNN step takes float32 or float64");

@@ -26,6 +26,7 @@ struct Shape {
   int64_t features;  // H
   int64_t heads;     // n
   int64_t window;    // k
+  int64_t inputs;    // D, the features of the layer's input sequence
 };
 
 struct Options {
@@ -139,12 +140,13 @@ class Array {
 template <typename T>
 struct Layout {
   Shape shape;
-  int64_t B, T_, H, n, dk, k;
+  int64_t B, T_, D, H, n, dk, k;
   int64_t Hn, np, Ha, G, QZ, S;
 
   Layout(const Shape& s, const Options& options) : shape(s) {
     B = s.batch;
     T_ = s.steps;
+    D = s.inputs;
     H = s.features;
     n = s.heads;
     dk = H / n;
@@ -245,8 +247,7 @@ struct RunningOffsets {
 
 template <typename T>
 struct Inputs {
-  const T* query_terms;  // (T, B, H): W_q^x x_t + b_q
-  const T* gate_terms;   // (T, B, 4H): W_x x_t + b
+  const T* sequence;     // (T, B, D): the layer's input x_t
   const T* h0;           // (B, H)
   const T* c0;           // (B, H)
   const T* window_keys;    // (B, k-1, H) head-minor
@@ -255,6 +256,10 @@ struct Inputs {
   const T* moment_sums;    // (B, S, H) head-minor
   const uint32_t* keys;    // (T + 1, 3, 2): step t's dropout keys: kv (for c_{t-1}), attention, output
   const int32_t* last;     // (B,): the step after which each sample's final carry is taken
+  const T* query_input_kernel;  // (D, H): W_q^x
+  const T* query_bias;     // (H): b_q
+  const T* gate_input_kernel;  // (D, 4H): W_x
+  const T* gate_bias;      // (4H): b
   const T* query_kernel;   // (H, H): W_q^h
   const T* hidden_kernel;  // (H, 4H)
   const T* attention_kernel;  // (H, 4H)
@@ -291,8 +296,8 @@ struct Cotangents {
 
 template <typename T>
 struct BackwardOutputs {
-  T* query;      // (T, B, H): cotangent of q's pre-activation (= of the query terms)
-  T* gates;      // (T, B, 4H): cotangent of z before its norm (= of the gate terms)
+  T* query;      // (T, B, H): cotangent of q's pre-activation (= of W_q^x x_t + b_q)
+  T* gates;      // (T, B, 4H): cotangent of z before its norm (= of W_x x_t + b)
   T* attention;  // (T, B, H): cotangent of W_o attended + b_o
   T* entries;    // (T, B, 2H): cotangent of W_k c' + b_k and W_v c' + b_v, entry of c_{t-1} at t
   // The left operands of the weights' gradients, transposed: (H, T B), step t's sample b in

@@ -25,10 +25,11 @@ struct Model {
   Options options;
   Inputs<T> in;
 
-  // Products (all row-major, K x N): [q | z] = h @ W1 (H x QZ), z += a @ Wa (H x G),
-  // [E_K | E_V] = c' @ Wkv (H x 2 Ha), W_o attended = attended @ Wo (Ha x Hn); and their
-  // transposes for the backward pass.
-  Array<T> W1, W1T, Wa, WaT, Wkv, WkvT, Wo, WoT;
+  // Products (all row-major, K x N): [q | z] = x @ W0 (D x QZ) + b0 + h @ W1 (H x QZ),
+  // z += a @ Wa (H x G), [E_K | E_V] = c' @ Wkv (H x 2 Ha), W_o attended = attended @ Wo
+  // (Ha x Hn); and the transposes of the recurrent ones for the backward pass.
+  Array<T> W0, W1, W1T, Wa, WaT, Wkv, WkvT, Wo, WoT;
+  Array<T> input_bias;   // (QZ): b0 = [b_q | b]
   Array<T> entry_bias;   // (2 Ha): b_k, b_v
   Array<T> attention_output_bias;  // (Hn): b_o
   Array<T> positions;    // (2, k, Ha)
@@ -66,6 +67,18 @@ struct Model {
           Wa[r * G + g * Hn + i] = in.attention_kernel[r * 4 * H + g * H + i];
         }
       }
+    }
+    W0.resize(L.D * QZ);
+    input_bias.resize(QZ);
+    for (int64_t i = 0; i < H; ++i) {
+      for (int64_t r = 0; r < L.D; ++r) {
+        W0[r * QZ + L.head_minor(i)] = in.query_input_kernel[r * H + i];
+        for (int64_t g = 0; g < 4; ++g) {
+          W0[r * QZ + Ha + g * Hn + i] = in.gate_input_kernel[r * 4 * H + g * H + i];
+        }
+      }
+      input_bias[L.head_minor(i)] = in.query_bias[i];
+      for (int64_t g = 0; g < 4; ++g) input_bias[Ha + g * Hn + i] = in.gate_bias[g * H + i];
     }
     transpose(W1, H, QZ, W1T, Hn);
     transpose(Wa, H, G, WaT, Hn);
