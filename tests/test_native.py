@@ -154,6 +154,13 @@ def test_equals_the_fused_scan_with_the_batch_shared_by_threads(monkeypatch):
     compare(make_cell(use_positional_encoding=True), batch=37, train=False)
 
 
+def test_evaluation_in_blocks_of_rows():
+    """Evaluation runs a few rows at a time through the whole sequence (``kEvaluationRows``, 8):
+    a batch of 21 is three blocks, the last one partial, each row with its own last step."""
+    lengths = jnp.array([T, 1, 4, T, 7, 2, T, 5, 3, T, 6, 1, T, 8, 2, 4, T, 9, 3, 1, T])
+    compare(make_cell(), batch=21, train=False, seq_lengths=lengths)
+
+
 @pytest.mark.slow
 def test_bidirectional():
     with jax.enable_x64(True):

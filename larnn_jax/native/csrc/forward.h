@@ -13,6 +13,10 @@
 
 namespace larnn {
 
+// Rows of a block that runs a whole sequence at a time in evaluation: a whole micro-kernel row
+// block of the products (gemm.h), with windows (2 k Ha each) that stay in a core's cache.
+constexpr int64_t kEvaluationRows = 8;
+
 template <typename T>
 class Forward {
  public:
@@ -48,8 +52,18 @@ class Forward {
     member_rows(L.B, member, members_, r0, r1);
     Local local(L);
     int parity = 0;
-    prepare(r0, r1, local);
-    for (int64_t t = 0; t < L.T_; ++t) step(member, parity, t, r0, r1, local);
+    if (m_.options.training) {  // the batch norms couple the samples at every step
+      prepare(r0, r1, local);
+      for (int64_t t = 0; t < L.T_; ++t) step(member, parity, t, r0, r1, local);
+    } else {
+      // Evaluation couples no samples: a few rows at a time run the whole sequence, so that their
+      // windows stay in the core's cache from one step to the next.
+      for (int64_t b0 = r0; b0 < r1; b0 += kEvaluationRows) {
+        const int64_t b1 = std::min(r1, b0 + kEvaluationRows);
+        prepare(b0, b1, local);
+        for (int64_t t = 0; t < L.T_; ++t) step(member, parity, t, b0, b1, local);
+      }
+    }
     if (member == 0) m_.export_running(running_, out_.running);
   }
 
