@@ -10,7 +10,12 @@ Durations are summed over threads, so they add up to more than the wall time on 
 the shares are what to read. Tracing itself slows the many small operations of a recurrent step,
 so the step takes longer here than in ``throughput.py``.
 
-    python -m benchmarks.profile_step        # LARNN (fused, plain) and Flax's LSTM, paper sizes
+Where LARNN runs the native step (``scan='auto'`` with the native library available), its two
+calls per layer are single ``ffi_call`` events in XLA's trace; the native step's own sections
+(:data:`larnn_jax.native.PROFILE_SECTIONS`: thread CPU time summed over a call's threads, with
+``LARNN_JAX_NATIVE_PROFILE=1``, which this script also sets) say where their time goes.
+
+    python -m benchmarks.profile_step        # LARNN (default, XLA fused) and Flax's LSTM, paper sizes
     python -m benchmarks.profile_step --models larnn,larnn_plain --top 15
 """
 
@@ -21,6 +26,7 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 ).strip()
+os.environ["LARNN_JAX_NATIVE_PROFILE"] = "1"
 
 import argparse
 import collections
@@ -38,8 +44,9 @@ from benchmarks.harness.arguments import (
     add_workload_arguments,
     workload_from_args,
 )
-from benchmarks.harness.output import Column, print_and_write
+from benchmarks.harness.output import Column, format_table, print_and_write
 from benchmarks.harness.workloads import BLOCKS, TrainingBench
+from larnn_jax import native
 
 #: Trace events that are XLA's bookkeeping around the operations, not operations.
 _BOOKKEEPING = re.compile(r"^(ThunkExecutor|SlinkyThreadPool)")
@@ -69,11 +76,16 @@ def profile(bench: TrainingBench, steps: int, warmup: int, top: int) -> dict[str
     by time, per step."""
     for _ in range(warmup):
         bench()
+    profiling_native = native.available()
+    if profiling_native:
+        native.read_profile()  # resets the sections
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
             for _ in range(steps):
                 bench()
         seconds, counts = operation_kinds(pathlib.Path(folder))
+    sections = native.read_profile() if profiling_native else {}
+    native_total = sum(sections.values())
     total = sum(seconds.values())
     kinds = [
         {
@@ -84,7 +96,17 @@ def profile(bench: TrainingBench, steps: int, warmup: int, top: int) -> dict[str
         }
         for kind, value in sorted(seconds.items(), key=lambda item: -item[1])[:top]
     ]
-    return {"thread_seconds_per_step": total / steps, "kinds": kinds}
+    native_sections = [
+        {"section": name, "seconds_per_step": value / steps, "share": value / native_total}
+        for name, value in sorted(sections.items(), key=lambda item: -item[1])
+        if native_total > 0
+    ]
+    return {
+        "thread_seconds_per_step": total / steps,
+        "kinds": kinds,
+        "native_thread_seconds_per_step": native_total / steps,
+        "native_sections": native_sections,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -94,17 +116,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     add_workload_arguments(parser)
     add_run_arguments(parser, "profile_step", repeats=2, warmup=1, memory_budget=False)
     add_subset_argument(parser, "--models", BLOCKS)
-    parser.set_defaults(models=["larnn", "larnn_plain", "lstm"])
+    parser.set_defaults(models=["larnn", "larnn_fused", "lstm"])
     parser.add_argument("--top", type=int, default=12, help="operation kinds listed per model")
     args = parser.parse_args(argv)
-    rows, payload = [], {"models": {}}
+    rows, native_rows = [], []
+    payload: dict[str, Any] = {"benchmark": "profile_step", "config": vars(args), "models": {}}
     for block in args.models:
         workload = workload_from_args(args, block)
         result = profile(TrainingBench.of(workload), args.repeats, args.warmup, args.top)
         payload["models"][block] = result
         for kind in result["kinds"]:
             rows.append({"model": block, **kind, "share": 100 * kind["share"]})
+        for section in result["native_sections"]:
+            native_rows.append({"model": block, **section, "share": 100 * section["share"]})
     payload["rows"] = rows
+    payload["native_rows"] = native_rows
     print_and_write(
         args.out,
         payload,
@@ -118,6 +144,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             Column("events_per_step", "events/step", "{:.0f}"),
         ],
     )
+    if native_rows:
+        print(
+            format_table(
+                native_rows,
+                [
+                    Column("model", "model"),
+                    Column("section", "native step section"),
+                    Column("seconds_per_step", "thread s/step", "{:.3f}"),
+                    Column("share", "share %", "{:.1f}"),
+                ],
+            )
+        )
     return payload
 
 

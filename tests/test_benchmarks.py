@@ -45,7 +45,7 @@ def test_throughput(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     args = [*TINY, "--batch", "4", "--steps", "8", "--num-layers", "1", "--repeats", "1"]
     # larnn_remat runs in test_scaling_length, the naive cell in test_scaling_window.
-    models = "larnn,larnn_plain,lstm,torch_lstm"
+    models = "larnn,larnn_fused,larnn_plain,lstm,torch_lstm"
     args = [*args, "--warmup", "0", "--models", models]
     throughput.main([*args, "--out", str(out)])
     document = read_json(out, "throughput")
@@ -61,8 +61,10 @@ def test_throughput(tmp_path: Path) -> None:
     assert larnn["cpu_user_s"] > 0 and larnn["train_cpu_vs_lstm"] > 0
     assert document["target"]["larnn_train_vs_lstm"] == rows["larnn"]["train_vs_lstm"]
     assert isinstance(document["target"]["met"], bool)
-    speedup = document["fused_scan_speedup"]
-    assert speedup["train"] > 0 and speedup["infer"] > 0
+    assert set(document["larnn_speedup"]) == {"larnn_fused", "larnn_plain"}
+    for speedup in document["larnn_speedup"].values():
+        assert speedup["train"] > 0 and speedup["infer"] > 0
+    assert document["larnn_scan"].startswith(("the native step", "the XLA fused scan ("))
 
 
 @pytest.mark.slow
@@ -212,6 +214,7 @@ def test_workloads_are_the_models_the_training_builds() -> None:
     scans = {block: model.scan for block, model in models.items()}
     assert scans == {
         "larnn": "auto",
+        "larnn_fused": "fused",
         "larnn_remat": "remat",
         "larnn_plain": "plain",
         "larnn_naive": "auto",
@@ -301,3 +304,30 @@ def test_helpers() -> None:
         [output.Column("a", "A"), output.Column("b", "B", "{:.1f}")],
     )
     assert table.splitlines() == ["|  A |   B |", "|---:|----:|", "|  1 | 2.5 |", "| 10 |     |"]
+
+
+@pytest.mark.slow
+def test_profile_step(tmp_path: Path) -> None:
+    """XLA's operations by kind for each model and, where LARNN runs the native step, its
+    sections (a fresh process: the script switches the native step's timers on before it runs)."""
+    import subprocess
+    import sys
+
+    from larnn_jax import native
+
+    out = tmp_path / "profile_step.json"
+    args = [*TINY, "--batch", "4", "--steps", "8", "--num-layers", "1", "--repeats", "1"]
+    command = [sys.executable, "-m", "benchmarks.profile_step", *args, "--models", "larnn,lstm"]
+    subprocess.run([*command, "--out", str(out)], check=True, cwd=Path(__file__).parents[1])
+    document = read_json(out, "profile_step")
+    assert set(document["models"]) == {"larnn", "lstm"}
+    for result in document["models"].values():
+        assert result["thread_seconds_per_step"] > 0 and result["kinds"]
+    assert document["models"]["lstm"]["native_sections"] == []
+    sections = document["models"]["larnn"]["native_sections"]
+    if native.available():
+        assert {row["section"] for row in sections} == set(native.PROFILE_SECTIONS)
+        assert sum(row["share"] for row in sections) == pytest.approx(1.0)
+        assert document["models"]["larnn"]["native_thread_seconds_per_step"] > 0
+    else:
+        assert sections == []

@@ -41,9 +41,12 @@ PAPER = {
 
 
 # Models a benchmark can build: the training's three (``TrainConfig.model``), and LARNN with the
-# plain scan (``nn.RNN`` over the cell, the implementation before the fused scan), with
-# rematerialised training scans (``scan='remat'``) and with the reference cell (``larnn_naive``).
-BLOCKS = ("larnn", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
+# XLA fused scan (``scan='fused'``, what ``'auto'`` runs without the native step), with the plain
+# scan (``nn.RNN`` over the cell, the implementation before the fused scan), with rematerialised
+# training scans (``scan='remat'``) and with the reference cell (``larnn_naive``).
+BLOCKS = ("larnn", "larnn_fused", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
+#: The scan of each LARNN block other than the training's default (``'auto'``).
+_SCANS = {"larnn_fused": "fused", "larnn_remat": "remat", "larnn_plain": "plain"}
 
 
 def default_remat_chunk_length(steps: int) -> int:
@@ -62,6 +65,7 @@ class Workload:
 
     * ``'larnn'``, ``'bnlstm'``, ``'lstm'``: the training's models, with the training's default
       ``scan='auto'`` (for LARNN the native step where it is available, else the fused scan);
+    * ``'larnn_fused'``: LARNN with ``scan='fused'`` (the XLA fused scan);
     * ``'larnn_plain'``: LARNN with ``scan='plain'`` (``nn.RNN`` over the cell);
     * ``'larnn_remat'``: LARNN with rematerialised training scans in chunks of
       ``remat_chunk_length`` steps (default: the divisor of ``steps`` nearest its square root),
@@ -104,7 +108,7 @@ class Workload:
             dropout_rate=self.dropout_rate,
             norm=self.norm,
             batch_size=self.batch,
-            scan={"larnn_remat": "remat", "larnn_plain": "plain"}.get(self.block, "auto"),
+            scan=_SCANS.get(self.block, "auto"),
             remat_chunk_length=self.chunk if self.block == "larnn_remat" else None,
         )
 

@@ -14,10 +14,12 @@ runs.
 * :func:`available`: whether the native step can run here; :func:`unavailable_reason` says why
   not.
 * :func:`why_not_covered`: why a given cell cannot use it (``None`` if it can).
+* :func:`read_profile`: where the native step's time went, with ``LARNN_JAX_NATIVE_PROFILE=1``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -83,3 +85,35 @@ def why_not_covered(cell: nn.Module, dtype: DTypeLike | None = None) -> str | No
         if not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
             return "dropout with jax_threefry_partitionable off"
     return None
+
+
+#: The sections of the native step that ``LARNN_JAX_NATIVE_PROFILE=1`` times (``csrc/profile.h``,
+#: in its ``Section`` order).
+PROFILE_SECTIONS = (
+    "forward: entering entry (dropout, c' W_kv + b, elu)",
+    "forward: window statistics (moment sums, positional features)",
+    "forward: products (x W0, h W1, attended W_o, a W_a)",
+    "forward: attention (q, scores, softmax, dropout, context)",
+    "forward: batch norms of a, z, c, h",
+    "forward: gates, LSTM update, output dropout, copies",
+    "backward: recomputation (norm maps, z, elu(c), output dropout)",
+    "backward: batch norms",
+    "backward: gates and LSTM update",
+    "backward: products (dz W_a^T, d W_o^T, d[q|z] W1^T, dE W_kv^T)",
+    "backward: attention and window cotangents",
+    "backward: window norms and moment sums",
+    "backward: entering entry",
+    "waiting at barriers (both passes)",
+)
+
+
+def read_profile() -> dict[str, float]:
+    """Thread CPU seconds per :data:`PROFILE_SECTIONS` entry, summed over a call's threads, since
+    the last read (which this one resets). All zero unless ``LARNN_JAX_NATIVE_PROFILE=1`` was set
+    before the native step first ran in this process; with it, every section costs two reads of
+    the thread's CPU clock."""
+    seconds = (ctypes.c_double * len(PROFILE_SECTIONS))()
+    sections = build.load().larnn_profile_read(seconds, len(PROFILE_SECTIONS))
+    if sections != len(PROFILE_SECTIONS):
+        raise RuntimeError(f"the native library times {sections} sections, not the listed ones")
+    return dict(zip(PROFILE_SECTIONS, seconds, strict=True))

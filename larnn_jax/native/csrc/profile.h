@@ -1,6 +1,7 @@
 // Where the native step's time goes: thread CPU time per section, summed over the members of every
 // call, when the environment sets LARNN_JAX_NATIVE_PROFILE=1 (read once per process). Read and
-// reset with larnn_profile_read (benchmarks/profile_native.py). Off, a section costs one branch.
+// reset with larnn_profile_read (larnn_jax.native.read_profile, benchmarks/profile_step.py). Off, a
+// section costs one branch.
 #pragma once
 
 #include <atomic>
