@@ -14,6 +14,12 @@
 #include <memory>
 #include <thread>
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "profile.h"
 
 namespace larnn {
@@ -38,6 +44,28 @@ inline void spin_until(Done done) {
   }
 }
 
+// Blocks while *word == expected (or returns at once if it differs), and wakes every thread
+// blocked on word: the kernel's futex on Linux; elsewhere, yielding the core in a loop.
+inline void wait_while_equal(std::atomic<int32_t>& word, int32_t expected) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr,
+          nullptr, 0);
+#else
+  if (word.load() == expected) std::this_thread::yield();
+#endif
+}
+inline void wake_all(std::atomic<int32_t>& word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<int32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr,
+          nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// A barrier that spins briefly, then sleeps until the last member arrives: on a machine with
+// more runnable threads than cores, a member that spun (or yielded in a loop) while another was
+// descheduled would take the core from it.
 class Barrier {
  public:
   explicit Barrier(int members) : members_(members) {}
@@ -47,19 +75,32 @@ class Barrier {
   void wait() {
     if (members_ == 1) return;
     TimedWait timed;
-    const int64_t generation = generation_.load(std::memory_order_acquire);
+    const int32_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == members_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(generation + 1, std::memory_order_release);
-    } else {
-      spin_until([&] { return generation_.load(std::memory_order_acquire) != generation; });
+      generation_.store(int32_t(uint32_t(generation) + 1), std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all(generation_);
+      return;
     }
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      spin_pause();
+    }
+    // Counted as a sleeper before the generation is read again: the last member either sees the
+    // count and wakes it, or has already moved the generation on, which the futex call sees.
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (generation_.load(std::memory_order_seq_cst) == generation) {
+      wait_while_equal(generation_, generation);
+    }
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
+  static constexpr int kSpins = 4000;
   const int members_;
   std::atomic<int> arrived_{0};
-  std::atomic<int64_t> generation_{0};
+  std::atomic<int32_t> generation_{0};
+  std::atomic<int> sleepers_{0};
 };
 
 // Runs work(member, members, barrier) on up to `wanted` threads: the caller and wanted - 1 tasks
