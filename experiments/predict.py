@@ -3,10 +3,13 @@
     python -m experiments.predict --checkpoint runs/best --input new.npz --output predictions.csv
     python -m experiments.predict --checkpoint runs/best --input recording.csv --stride 64
     sensor | python -m experiments.predict --checkpoint runs/best --stream --stride 32
+    python -m experiments.predict --exported har.larnn --input new.npz
 
 The model is the run's selected epoch (or ``--step N``), and every input goes through the run's
 own preprocessing: the channel standardisation fitted on its training rows, read from the run's
-``preprocessing.json`` (:mod:`experiments.preprocessing`).
+``preprocessing.json`` (:mod:`experiments.preprocessing`). With ``--exported FILE``, the model and
+its preprocessing are those of a file written by ``python -m experiments.export``, run without
+the run folder (:mod:`larnn_jax.exported`).
 
 Inputs (``--input``):
 
@@ -30,8 +33,8 @@ was trained on (see :class:`experiments.prediction.StreamPredictor`). A bad line
 line number and skipped. At the end of the input (or at Ctrl-C, or when the reader of the
 predictions goes away), a summary with the latency per sample goes to standard error.
 
-Exit status: 0 success, 2 a usage or input error (bad input file or line, unusable run folder or
-checkpoint), 1 the run's dataset could not be loaded where it is needed.
+Exit status: 0 success, 2 a usage or input error (bad input file or line, unusable run folder,
+checkpoint or exported file), 1 the run's dataset could not be loaded where it is needed.
 """
 
 from __future__ import annotations
@@ -55,14 +58,15 @@ from experiments.config import ConfigError
 from experiments.data import DataError
 from experiments.files import OutputPathError, check_output_file, write_text_atomically
 from experiments.prediction.inputs import STDIN, InputError, read_input, time_steps
-from experiments.prediction.predictor import Predictor
+from experiments.prediction.predictor import ExportedPredictor, Predictor
 from experiments.prediction.writers import FORMATS, PredictionWriter, output_format
 from experiments.preprocessing import PreprocessingError
 from experiments.restore import add_checkpoint_arguments
+from larnn_jax.exported import ExportFormatError
 
 
 def classify_file(
-    predictor: Predictor, path: pathlib.Path, stride: int, kind: str
+    predictor: Predictor | ExportedPredictor, path: pathlib.Path, stride: int, kind: str
 ) -> tuple[str, dict[str, Any]]:
     """Classifies every sequence of the input file ``path``; returns the predictions in
     ``kind`` and the summary."""
@@ -77,8 +81,7 @@ def classify_file(
     predicted = probabilities.argmax(axis=-1)
     counts = np.bincount(predicted, minlength=len(predictor.class_names))
     summary: dict[str, Any] = {
-        "checkpoint": str(predictor.checkpoint_dir),
-        "epoch": predictor.epoch,
+        **predictor.origin,
         "input": str(path),
         "sequences": len(probabilities),
     }
@@ -98,7 +101,7 @@ def classify_file(
 
 
 def run_stream(
-    predictor: Predictor,
+    predictor: Predictor | ExportedPredictor,
     lines: Iterable[str | bytes],
     stride: int,
     out: TextIO,
@@ -128,8 +131,7 @@ def run_stream(
     except BrokenPipeError:  # the reader of the predictions went away (e.g. `| head`)
         stopped = "output closed"
     summary = {
-        "checkpoint": str(predictor.checkpoint_dir),
-        "epoch": predictor.epoch,
+        **predictor.origin,
         "window": predictor.window_length,
         "stride": stride,
         "samples": stream.samples,
@@ -150,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
-    add_checkpoint_arguments(parser, "use")  # --data-dir: for runs without preprocessing.json
+    # --data-dir: for runs without preprocessing.json.
+    add_checkpoint_arguments(parser, "use", required=False)
+    parser.add_argument(
+        "--exported",
+        metavar="FILE",
+        help="use the model of a file written by experiments.export instead of --checkpoint",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", metavar="FILE", help=".npz, or text/CSV (see below)")
     source.add_argument(
@@ -183,19 +191,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stride is not None and args.stride < 1:
         parser.error(f"--stride must be >= 1, got {args.stride}")
+    if (args.checkpoint is None) == (args.exported is None):
+        parser.error("give either --checkpoint (a run) or --exported (an exported model)")
+    if args.exported is not None and (args.step is not None or args.data_dir is not None):
+        parser.error("--step and --data-dir choose a run's checkpoint: not with --exported")
     kind = output_format(args.output, args.format)
     try:
         if args.output is not None:
-            check_output_file(args.output, inputs=[args.input] if args.input else [])
+            check_output_file(
+                args.output, inputs=[path for path in (args.input, args.exported) if path]
+            )
     except OutputPathError as err:
         return cli.report_error(f"--output {err}", cli.USAGE)
     try:
-        predictor = Predictor.from_run(args.checkpoint, step=args.step, data_dir=args.data_dir)
+        predictor: Predictor | ExportedPredictor = (
+            ExportedPredictor(args.exported)
+            if args.exported is not None
+            else Predictor.from_run(args.checkpoint, step=args.step, data_dir=args.data_dir)
+        )
         stride = args.stride or max(1, predictor.window_length // 2)
         if args.stream:
             return _stream(predictor, stride, kind, args.output)
         text, summary = classify_file(predictor, pathlib.Path(args.input), stride, kind)
-    except (InputError, CheckpointError, PreprocessingError, ConfigError) as err:
+    except (InputError, CheckpointError, PreprocessingError, ConfigError, ExportFormatError) as err:
         return cli.report_error(err, cli.USAGE)
     except DataError as err:
         return cli.report_error(err, cli.FAILED)
@@ -212,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.OK
 
 
-def _stream(predictor: Predictor, stride: int, kind: str, output: str | None) -> int:
+def _stream(
+    predictor: Predictor | ExportedPredictor, stride: int, kind: str, output: str | None
+) -> int:
     """``--stream``: standard input to ``output`` (or standard output) until the input ends."""
     # Bytes, decoded line by line: a byte that is not UTF-8 spoils its line only, whatever the
     # decoding of sys.stdin (PYTHONIOENCODING, the locale).

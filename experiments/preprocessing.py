@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from experiments.data import Dataset
+from larnn_jax.inference import standardize
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,6 @@ PREPROCESSING_FILE = "preprocessing.json"
 
 class PreprocessingError(ValueError):
     """A ``preprocessing.json`` that cannot be read or does not describe a run's inputs."""
-
-
-class InputRangeError(ValueError):
-    """An input value that the model cannot read: not a finite float32, or taken beyond
-    float32 by the standardisation.
-
-    Attributes:
-        index: the value's index in the input array.
-        value: the value.
-        problem: what is wrong with it, e.g. ``"is not a finite float32"``.
-    """
-
-    def __init__(self, index: tuple[int, ...], value: Any, problem: str):
-        super().__init__(f"x[{', '.join(map(str, index))}] = {value!s} {problem}")
-        self.index, self.value, self.problem = index, value, problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,25 +130,7 @@ class Preprocessing:
                 takes beyond float32 (a huge value divided by a standard deviation below 1):
                 the model would give NaN probabilities for its sequence.
         """
-        raw = np.asarray(x)
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = raw.astype(np.float32)
-            if self.channel_mean is not None:
-                x = (x - self.channel_mean) / self.channel_std
-        outside = np.argwhere(~np.isfinite(x))
-        if outside.size:
-            index = tuple(int(i) for i in outside[0])
-            value = raw[index]
-            if np.isfinite(np.float32(value)) and self.channel_mean is not None:
-                channel = index[-1]
-                problem = (
-                    f"is too large for the run's standardisation: (x - {self.channel_mean[channel]:.6g}) "
-                    f"/ {self.channel_std[channel]:.6g} overflows float32"
-                )
-            else:
-                problem = "is not a finite float32"
-            raise InputRangeError(index, value, problem)
-        return x
+        return standardize(x, self.channel_mean, self.channel_std)
 
 
 def load_preprocessing(run: pathlib.Path, recompute: Callable[[], Dataset]) -> Preprocessing:

@@ -186,12 +186,14 @@ def restore_run(
         return RestoredRun(opened.config, dataset, model, state, opened.step, opened.step_dir)
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """The arguments of :func:`open_checkpoint`: ``--checkpoint``, ``--step`` and ``--data-dir``
-    (``verb``: what the command does with the checkpoint)."""
+def add_checkpoint_arguments(
+    parser: argparse.ArgumentParser, verb: str, *, required: bool = True
+) -> None:
+    """The arguments of :func:`open_checkpoint`: ``--checkpoint`` (``required`` or not),
+    ``--step`` and ``--data-dir`` (``verb``: what the command does with the checkpoint)."""
     parser.add_argument(
         "--checkpoint",
-        required=True,
+        required=required,
         metavar="DIR",
         help="a run folder (OUT), its checkpoints folder, or one step folder OUT/checkpoints/N",
     )

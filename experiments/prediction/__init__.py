@@ -10,8 +10,9 @@ The command line over them is ``python -m experiments.predict``.
 """
 
 from experiments.prediction.inputs import InputError, Sequences, read_input, sliding_windows
-from experiments.prediction.predictor import Prediction, Predictor, StreamPredictor
+from experiments.prediction.predictor import Predictor, StreamPredictor
 from experiments.prediction.writers import PredictionWriter
+from larnn_jax.inference import Prediction
 
 __all__ = [
     "InputError",

@@ -24,7 +24,8 @@ import numpy as np
 
 from experiments.data import DataError
 from experiments.data.npz import check_column, check_inputs, read_arrays
-from experiments.preprocessing import InputRangeError, Preprocessing
+from experiments.preprocessing import Preprocessing
+from larnn_jax.inference import InputRangeError
 
 #: How errors name standard input.
 STDIN = "<stdin>"

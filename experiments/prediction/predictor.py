@@ -8,10 +8,9 @@ own preprocessing: the channel standardisation fitted on its training rows, read
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -22,23 +21,10 @@ from experiments.config import TrainConfig, load_config_dataset
 from experiments.preprocessing import Preprocessing, load_preprocessing
 from experiments.restore import open_checkpoint
 from experiments.steps import model_variables
+from larnn_jax import exported
+from larnn_jax.inference import WindowStream, predict_in_batches
 from larnn_jax.models import SequenceClassifier
-from larnn_jax.typing import Carry, PyTree
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """A stream's prediction for one window.
-
-    Attributes:
-        window: the window's index ``k`` (0, 1, ...).
-        start_step: its first time step, ``k × stride`` (time steps counted from 0).
-        probabilities: ``(K,)`` the probability of every class.
-    """
-
-    window: int
-    start_step: int
-    probabilities: np.ndarray
+from larnn_jax.typing import PyTree
 
 
 class Predictor:
@@ -123,6 +109,11 @@ class Predictor:
             )
 
     @property
+    def origin(self) -> dict[str, Any]:
+        """Where the model comes from, for summaries: its checkpoint and epoch."""
+        return {"checkpoint": str(self.checkpoint_dir), "epoch": self.epoch}
+
+    @property
     def window_length(self) -> int:
         """``T``: the length of the training sequences, the window a stream classifies."""
         return self.preprocessing.steps
@@ -156,139 +147,92 @@ class Predictor:
             raise ValueError(
                 f"expected sequences of shape (N, T, {self.channels}), got shape {x.shape}"
             )
-        rows = len(x)
-        if rows == 0:
-            return np.zeros((0, len(self.class_names)), np.float32)
-        x = self.preprocessing.apply(x)
-        batch = min(batch_size or self.config.batch_size, rows)
-        padded = -(-rows // batch) * batch
-        x = np.concatenate([x, np.zeros((padded - rows, *x.shape[1:]), x.dtype)])
-        if lengths is not None:
-            lengths = np.asarray(lengths, np.int32)
-            lengths = np.concatenate([lengths, np.full(padded - rows, x.shape[1], np.int32)])
-        results = [
-            np.asarray(
-                self._probabilities(
-                    self.variables,
-                    x[start : start + batch],
-                    None if lengths is None else lengths[start : start + batch],
-                )
-            )
-            for start in range(0, padded, batch)
-        ]
-        return np.concatenate(results)[:rows]
+        return predict_in_batches(
+            lambda batch, lengths: self._probabilities(self.variables, batch, lengths),
+            self.preprocessing.apply(x),
+            lengths,
+            batch_size or self.config.batch_size,
+            len(self.class_names),
+        )
 
     def stream(self, stride: int) -> StreamPredictor:
         """A :class:`StreamPredictor` that classifies the last ``T`` samples every ``stride``."""
         return StreamPredictor(self, stride)
 
 
-class StreamPredictor:
-    """Classifies a stream of samples, fed one time step at a time.
+class StreamPredictor(WindowStream):
+    """A run's model on a stream of samples, fed one time step at a time
+    (:class:`larnn_jax.inference.WindowStream` over :meth:`SequenceClassifier.step`).
 
     After every ``stride`` samples (and at least ``T``), a prediction of the last ``T`` samples:
-    the windows :func:`~experiments.prediction.inputs.sliding_windows` cuts from the whole series, with the same probabilities
-    as :meth:`Predictor.predict` on them, to float rounding.
-
-    A window is never recomputed from scratch: the stream keeps ``ceil(T / stride)`` carries of
-    the network, one per window in progress, started ``stride`` steps apart; every sample
-    advances all of them by one step of the network (:meth:`SequenceClassifier.step`) in one
-    jitted call, their carries batched; the carry whose window is complete gives the prediction
-    and is restarted when its next window begins.
+    the windows :func:`~experiments.prediction.inputs.sliding_windows` cuts from the whole
+    series, with the same probabilities as :meth:`Predictor.predict` on them, to float rounding.
 
     Attributes:
-        stride: samples between predictions (``>= 1``; need not divide ``T``).
-        slots: the number of carries, ``ceil(T / stride)``.
-        samples: the samples pushed so far.
-        latencies: the seconds each :meth:`push` took in the network (the jitted step, waited
-            for), one per sample.
+        predictor: the run's model.
+        stride, slots, samples, latencies: see :class:`~larnn_jax.inference.WindowStream`.
     """
 
     def __init__(self, predictor: Predictor, stride: int):
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
         self.predictor = predictor
-        self.stride = stride
-        self.slots = -(-predictor.window_length // stride)
-        self.samples = 0
-        self.latencies: list[float] = []
-        model = predictor.model
-        initial = model.initialize_carries((self.slots,))
+        model, variables = predictor.model, predictor.variables
+        super().__init__(
+            functools.partial(model.apply, variables, method="step"),
+            lambda slots: model.initialize_carries((slots,)),
+            window_length=predictor.window_length,
+            stride=stride,
+            standardize=predictor.preprocessing.apply,
+            channels=predictor.channels,
+        )
 
-        variables = predictor.variables
 
-        def advance(
-            carries: tuple[Carry, ...], sample: jax.Array, restart: jax.Array
-        ) -> tuple[tuple[Carry, ...], jax.Array]:
-            """Restarts the carries where ``restart`` ``(slots,)``, then steps all of them on
-            ``sample`` ``(C,)``; returns the carries and every slot's probabilities."""
+class ExportedPredictor:
+    """An exported model (:mod:`larnn_jax.exported`) where the command line takes a
+    :class:`Predictor`: the same predictions, streams and input checks, without the run.
 
-            def reset(start: jax.Array, carry: jax.Array) -> jax.Array:
-                return jnp.where(restart.reshape((-1,) + (1,) * (carry.ndim - 1)), start, carry)
+    Attributes:
+        model: the :class:`larnn_jax.exported.ExportedClassifier`.
+        preprocessing: its standardisation, window length and class names, as a
+            :class:`~experiments.preprocessing.Preprocessing`.
+    """
 
-            carries = jax.tree.map(reset, initial, carries)
-            x = jnp.broadcast_to(sample, (self.slots, sample.shape[-1]))
-            carries, logits = model.apply(variables, carries, x, method="step")
-            return carries, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-        # The variables are constants of the compiled step rather than arguments: a call then
-        # passes only the carries, which takes about a third off a push at the paper's sizes.
-        self._advance = jax.jit(advance)
-        self._carries = initial
-        # Compile now, for the initial carries and for the ones it returns (an argument that a
-        # jitted call returned can select another compiled version than a fresh one), so that
-        # no sample waits for a compilation.
-        carries = initial
-        for _ in range(2):
-            carries, warm = self._advance(
-                carries,
-                np.zeros(predictor.channels, np.float32),
-                np.zeros(self.slots, bool),
-            )
-        jax.block_until_ready(warm)
-
-    def push(self, sample: np.ndarray) -> Prediction | None:
-        """Feeds one raw time step ``(C,)``; returns the prediction of the window that it
-        completes, if any.
+    def __init__(self, path: os.PathLike | str):
+        """Loads ``path``.
 
         Raises:
-            ValueError: the sample has the wrong shape or a value that is not finite; the
-                stream is left as it was.
+            larnn_jax.exported.ExportFormatError: a file that cannot be used, and why.
         """
-        sample = np.asarray(sample, np.float32)
-        if sample.shape != (self.predictor.channels,) or not np.all(np.isfinite(sample)):
-            raise ValueError(
-                f"a sample must hold {self.predictor.channels} finite numbers; got {sample!r}"
-            )
-        step = self.samples
-        restart = np.zeros(self.slots, bool)
-        if step % self.stride == 0:  # a window begins here
-            restart[(step // self.stride) % self.slots] = True
-        started = time.perf_counter()
-        carries, probabilities = self._advance(
-            self._carries,
-            self.predictor.preprocessing.apply(sample),
-            restart,
+        self.model = exported.load(path)
+        self.preprocessing = Preprocessing(
+            dataset=str(self.model.source.get("dataset", "")),
+            steps=self.model.window_length,
+            channels=self.model.channels,
+            channel_mean=self.model.channel_mean,
+            channel_std=self.model.channel_std,
+            class_names=self.model.class_names,
         )
-        jax.block_until_ready(probabilities)
-        self.latencies.append(time.perf_counter() - started)
-        self._carries = carries
-        self.samples += 1
-        start = step + 1 - self.predictor.window_length  # of the window ending here
-        if start < 0 or start % self.stride:
-            return None
-        window = start // self.stride
-        return Prediction(window, start, np.asarray(probabilities[window % self.slots]))
 
-    def latency_summary(self) -> dict[str, Any]:
-        """The latency per sample so far: count, median, 99th percentile and mean, in µs."""
-        if not self.latencies:
-            return {"samples": 0}
-        micro = np.asarray(self.latencies) * 1e6
-        return {
-            "samples": len(micro),
-            "median_us": float(np.median(micro)),
-            "p99_us": float(np.percentile(micro, 99)),
-            "mean_us": float(np.mean(micro)),
-            "carries": self.slots,
-        }
+    @property
+    def origin(self) -> dict[str, Any]:
+        """Where the model comes from, for summaries: the file, and the epoch it records."""
+        return {"exported": self.model.path, "epoch": self.model.source.get("epoch")}
+
+    @property
+    def window_length(self) -> int:
+        return self.model.window_length
+
+    @property
+    def channels(self) -> int:
+        return self.model.channels
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model.class_names
+
+    def predict(self, x: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`larnn_jax.exported.ExportedClassifier.predict`."""
+        return self.model.predict(x, lengths)
+
+    def stream(self, stride: int) -> WindowStream:
+        """:meth:`larnn_jax.exported.ExportedClassifier.stream`."""
+        return self.model.stream(stride)
