@@ -123,7 +123,7 @@ def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
         throughput.main(["--models", "larnn,gru"])
     assert raised.value.code == 2
     error = capsys.readouterr().err
-    assert "'larnn,gru'" in error and "choose from larnn,larnn_remat" in error
+    assert "'larnn,gru'" in error and "choose from larnn,larnn_fused,larnn_remat" in error
     with pytest.raises(SystemExit):
         streaming.main(["--cells", "larnn/batch,gru"])
     assert "unknown or no cells in 'larnn/batch,gru'" in capsys.readouterr().err
