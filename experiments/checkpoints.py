@@ -15,10 +15,13 @@ Layout of a checkpoint folder (``OUT/checkpoints``), one sub-folder per complete
 Orbax writes each step into a temporary folder and renames it when complete; this module then
 writes ``sha256sums.json``. A step folder without that file was interrupted while saving, and a
 file that is missing or whose size or digest differs was damaged afterwards; either way the step
-is "bad". Bad steps are found when the store is opened, logged as a warning that names the step,
-and skipped (read-only stores) or moved to ``quarantine/`` (writable stores, so that training can
-save that epoch again): the latest good step is then an older one. A step that passes verification
-but does not fit the model it is restored into is an error, not a reason to fall back.
+is "bad". Bad steps are found when the store is opened: a writable store moves them to
+``quarantine/`` (so that training can save that epoch again) with a warning that names the step,
+and resumes from an older one; a read-only store skips them and records them in
+:attr:`CheckpointStore.bad_steps`, for the reader to say what it does without them (evaluation
+and predictions never use another epoch unasked: :mod:`experiments.restore`). A step that passes
+verification but does not fit the model it is restored into is an error, not a reason to fall
+back.
 
 Retention: the 3 latest steps and the step with the best selection score (validation accuracy,
 see :func:`experiments.report.selection_score`; ties go to the later step).
@@ -35,7 +38,9 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -127,6 +132,10 @@ class CheckpointStore:
         read_only: open for restoring only: nothing is written, moved or deleted.
 
     Use as a context manager, or call :meth:`close`.
+
+    Attributes:
+        bad_steps: ``{step: problem}`` for the bad steps a read-only store skipped (a writable
+            store moves them to ``quarantine/``).
     """
 
     def __init__(
@@ -162,9 +171,14 @@ class CheckpointStore:
             # Read-only stores may hold bad steps whose metrics Orbax would fail to parse.
             lightweight_initialize=read_only,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
-        )
+        absl = logging.getLogger("absl")
+        absl.addFilter(_without_read_only_notice)  # the store says it is read-only: no news
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
+            )
+        finally:
+            absl.removeFilter(_without_read_only_notice)
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -209,6 +223,7 @@ class CheckpointStore:
         """
         intact = self.latest_step()
         threads_before = set(threading.enumerate())
+        _ignore_writes_that_end_after_their_event_loop()
         held = _HeldRecords()
         try:
             self._manager.save(
@@ -227,7 +242,13 @@ class CheckpointStore:
             held.release()
             return
         # The save's other threads may go on writing, and failing, after the first error: they
-        # are waited for, and their records held until the store is closed.
+        # are waited for, and their records held until the store is closed; those of writes
+        # that end later still are dropped whenever they come.
+        _ReportsOfAFailedSave(f"{self.step_dir(step)}.orbax-checkpoint-tmp")
+        # (And the writes that the closed loop never started: at exit, Python warns of each.)
+        warnings.filterwarnings(
+            "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
+        )
         for thread in set(threading.enumerate()) - threads_before:
             with contextlib.suppress(Exception):  # Orbax's threads raise their error on join
                 thread.join(_THREAD_WAIT_SECONDS)
@@ -307,16 +328,9 @@ class CheckpointStore:
 
     def _mark_bad(self, step: int, problem: str) -> None:
         self.bad_steps[step] = problem
-        where = self.step_dir(step)
-        if self.read_only:
-            log.warning(
-                "checkpoint step %d (%s) is unusable: %s; skipping it (an older checkpoint, if any, "
-                "is used instead)",
-                step,
-                where,
-                problem,
-            )
+        if self.read_only:  # skipped; the reader says what it does without it
             return
+        where = self.step_dir(step)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         target = self.directory / QUARANTINE_DIR / f"{step}-{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +380,52 @@ class _HeldRecords(logging.Filter):
             logging.getLogger(record.name).handle(record)
 
 
+class _ReportsOfAFailedSave(logging.Filter):
+    """From its creation on, drops the records of the :data:`_BACKGROUND_LOGGERS` that name the
+    temporary folder of a failed save: the errors of its writes, which its CheckpointSaveError
+    reported, when they come after the store has closed (asyncio reports a task's error when the
+    task is collected, which can be as late as the interpreter's exit)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+        for name in _BACKGROUND_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return self.folder not in record.getMessage() + str(error)
+
+
+#: The hooks installed by :func:`_ignore_writes_that_end_after_their_event_loop`.
+_LOOP_FILTERS: set[Callable[[Any], None]] = set()
+
+
+def _ignore_writes_that_end_after_their_event_loop() -> None:
+    """From now on, drops what Python reports of TensorStore writes that end after the event
+    loop awaiting them has closed. When a save fails, Orbax's loop closes at the first error
+    while the save's other writes go on in TensorStore's threads; each of them then reports
+    ``RuntimeError: Event loop is closed`` where nothing can catch it (``sys.unraisablehook``),
+    whenever it ends, up to the interpreter's exit. Every other unraisable exception is
+    reported as before."""
+    previous = sys.unraisablehook
+    if previous in _LOOP_FILTERS:
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    _LOOP_FILTERS.add(hook)
+    sys.unraisablehook = hook
+
+
+def _without_read_only_notice(record: logging.LogRecord) -> bool:
+    """False for the warning that Orbax logs for every read-only checkpoint folder."""
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _failure_reason(error: BaseException) -> str:
     """A failed write's reason in a few words: the operating system's (``[Errno 28] No space
     left on device``), also when TensorStore wraps it in its own message; else the message."""
@@ -379,6 +439,17 @@ def _failure_reason(error: BaseException) -> str:
 
 def _score(metrics: dict[str, float]) -> float:
     return metrics[SCORE_KEY]
+
+
+def holds_checkpoints(directory: pathlib.Path) -> bool:
+    """Whether the folder ``directory`` holds a step that a :class:`CheckpointStore` saved (its
+    manifest written, whether damaged since or not), found without opening a store (which would
+    set aside what it takes for bad steps)."""
+    return directory.is_dir() and any(
+        (step_dir / MANIFEST_NAME).is_file()
+        for step_dir in directory.iterdir()
+        if step_dir.name.isdigit()
+    )
 
 
 def discover_checkpoint_dir(path: os.PathLike | str) -> tuple[pathlib.Path, int | None]:

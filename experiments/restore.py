@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from experiments.data import Dataset
 from experiments.steps import build_model, init_state, make_optimizer
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.typing import PyTree
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +111,8 @@ def open_checkpoint(
     checkpoint: os.PathLike | str, *, step: int | None = None, data_dir: str | None = None
 ) -> Iterator[OpenCheckpoint]:
     """Finds the checkpoint to restore and reads the run's configuration from it; a context
-    manager that keeps the store open.
+    manager that keeps the store open. Once the checkpoint is found, a warning names every
+    other one that is unusable (damaged, or its save never completed).
 
     Args:
         checkpoint: a run folder, its ``checkpoints`` folder, or one step folder in it.
@@ -130,6 +134,8 @@ def open_checkpoint(
         if step is None:
             step = _selected_epoch(store, meta["history"])
         store.restore(step)  # CheckpointError now if that step is absent or bad
+        for bad, problem in sorted(store.bad_steps.items()):
+            log.warning("checkpoint step %d in %s is unusable: %s", bad, directory, problem)
         config = TrainConfig.from_saved(meta["config"])
         if data_dir is not None:
             config = dataclasses.replace(config, data_dir=data_dir)

@@ -40,7 +40,12 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import cli, report
-from experiments.checkpoints import CheckpointError, CheckpointSaveError, CheckpointStore
+from experiments.checkpoints import (
+    CheckpointError,
+    CheckpointSaveError,
+    CheckpointStore,
+    holds_checkpoints,
+)
 from experiments.config import (
     DEFAULT_RECIPE,
     RECIPES,
@@ -55,6 +60,7 @@ from experiments.config import (
     load_config_dataset,
     load_config_file,
     recipe_text,
+    with_current_names,
 )
 from experiments.data import DataError, Dataset, Split
 from experiments.files import atomic_write, write_text_atomically
@@ -140,51 +146,81 @@ def _check_training_loss(loss: float, *, epoch: int, step: int) -> None:
 
 
 def _saved_config(path: pathlib.Path) -> dict[str, Any]:
-    """A run's ``config.json`` (ConfigError if it cannot be read as a JSON object)."""
+    """The configuration of the run that saved ``path`` (its ``config.json``).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not a run's configuration (another program's ``config.json``): not
+            JSON, not an object, or keys or values that no run has; the message says which.
+    """
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read it ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err})") from err
     if not isinstance(saved, dict):
-        raise ConfigError(f"{path}: not a JSON object")
+        raise ValueError("not a JSON object")
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(with_current_names(saved)) - fields)
+    if unknown:
+        raise ValueError(f"keys that no run has: {', '.join(unknown)}")
+    TrainConfig.from_saved(saved)  # ConfigError, a ValueError: a value that no run has
     return saved
 
 
 def _check_run_folder(
     out: pathlib.Path, config: TrainConfig, *, resume: bool, overwrite: bool
 ) -> None:
-    """Raises ConfigError unless the folder ``out`` may receive this run.
+    """Raises ConfigError unless the folder ``out`` may receive this run; touches nothing.
+
+    ``out`` holds a run when its ``config.json`` is a run's configuration, or its
+    ``checkpoints/`` holds a saved step (a run's checkpoints copied without the rest).
 
     * ``out`` must not be a file.
-    * Resuming, ``out`` must hold a run (its ``config.json`` or ``checkpoints/``), with the same
-      configuration (:func:`~experiments.config.check_same_config`).
-    * Otherwise ``out`` must be absent, empty, or hold this run before its first checkpoint (its
-      ``config.json``, with the same configuration: it starts again), unless ``overwrite``; a
-      folder with ``checkpoints/`` is refused later, when the checkpoints are open.
+    * Resuming, ``out`` must hold a run, with the same configuration
+      (:func:`~experiments.config.check_same_config`).
+    * Otherwise ``out`` must be absent or empty (an empty ``checkpoints/`` aside: a run stopped
+      before it wrote anything else), or hold this run before its first checkpoint (the same
+      configuration: it starts again), unless ``overwrite``; a run's folder with checkpoints is
+      refused later, when they are open.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a run folder; choose another --out")
     config_path = out / "config.json"
-    holds_run = config_path.is_file() or (out / "checkpoints").is_dir()
+    saved, not_a_run = None, "no config.json"
+    try:
+        saved = _saved_config(config_path) if config_path.is_file() else None
+    except OSError as err:
+        raise ConfigError(f"{config_path}: cannot read it ({err})") from err
+    except ValueError as err:
+        not_a_run = f"its config.json is not a run's configuration: {err}"
+    checkpoints = out / "checkpoints"
     if resume:
-        if not holds_run:
-            found = "does not exist" if not out.exists() else "holds no run (no config.json)"
+        if saved is None and not holds_checkpoints(checkpoints):
+            found = "does not exist" if not out.exists() else f"holds no run ({not_a_run})"
             raise ConfigError(
                 f"nothing to resume: {out} {found}; check --out, or start a new run there "
                 "without --resume"
             )
-        if config_path.is_file():
-            check_same_config(_saved_config(config_path), config, out)
+        if saved is not None:
+            check_same_config(saved, config, out)
         return
-    entries = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    if not entries or overwrite or (out / "checkpoints").is_dir():
+    if overwrite or not out.is_dir():
         return
-    if config_path.is_file():
-        differences = config_differences(_saved_config(config_path), config)
+    if saved is None and holds_checkpoints(checkpoints):
+        return  # refused once its checkpoints are open: they are resumed, not overwritten
+    if saved is not None:
+        differences = config_differences(saved, config)
         if not differences:
             return
         found = "another run (its configuration differs in " + "; ".join(differences) + ")"
     else:
+        entries = sorted(
+            path.name
+            for path in out.iterdir()
+            if not (path == checkpoints and path.is_dir() and not any(path.iterdir()))
+        )
+        if not entries:
+            return
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         found = f"{len(entries)} other file(s) and folder(s) ({shown})"
     raise ConfigError(

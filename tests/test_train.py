@@ -7,9 +7,7 @@ import json
 import logging
 import math
 import pathlib
-import resource
 import shutil
-import signal
 from typing import Any
 
 import jax
@@ -17,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from training_process import run_training
 
 from experiments import evaluate, report, steps
 from experiments import train as train_module
@@ -713,6 +712,14 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return status, capsys.readouterr().err
 
 
+def folder_contents(folder: pathlib.Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``folder``, by relative path."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes() if path.is_file() else None
+        for path in folder.rglob("*")
+    }
+
+
 def test_settings_that_do_not_fit_the_data_are_usage_errors_before_anything_is_written(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -741,6 +748,26 @@ def test_settings_that_do_not_fit_the_data_are_usage_errors_before_anything_is_w
     for flags, message in refused.items():
         assert run_main([*tiny, *flags], capsys) == (2, f"error: {message}\n")
         assert not out.exists()
+
+
+def test_a_label_typo_stops_the_run_before_anything_is_written(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1000 among the labels 0..2 (which made a model of 1001 classes, trained to the end): one
+    line naming the array and the row, exit status 1 (malformed data), and no run folder."""
+    arrays = dict(np.load(without_validation_split(tmp_path / "plain.npz")))
+    arrays["y_train"][7] = 1000
+    typo = tmp_path / "typo.npz"
+    np.savez(typo, **arrays)
+    out = tmp_path / "run"
+    flags = ["--dataset", f"npz:{typo}", "--model", "lstm", "--hidden", "8", "--out", str(out)]
+    assert run_main(flags, capsys) == (
+        1,
+        f"error: {typo}: y_train[7] = 1000, but no row has a label in 3..999: labels must "
+        "number the classes 0..C-1 without gaps (a typo?), or class_names must name all C "
+        "classes\n",
+    )
+    assert not out.exists()
 
 
 def test_run_folders_that_are_not_this_runs_are_refused_unless_asked(
@@ -783,13 +810,35 @@ def test_run_folders_that_are_not_this_runs_are_refused_unless_asked(
         "there without --resume\n",
     )
     assert not typo.exists()
-    assert sorted(path.name for path in folder.iterdir()) == [
-        "report.json",
-        "summary.csv",
-        "thesis.tex",
-        "z.png",
-    ]
-    assert (folder / "report.json").read_text() == "report.json of mine\n"
+    assert folder_contents(folder) == {
+        name: f"{name} of mine\n".encode()
+        for name in ("report.json", "summary.csv", "thesis.tex", "z.png")
+    }
+
+    # Another program's folder: a config.json that is not a run's, a checkpoints/ not ours.
+    project = tmp_path / "project"
+    (project / "checkpoints" / "3").mkdir(parents=True)
+    (project / "checkpoints" / "3" / "model.pt").write_bytes(b"weights")
+    (project / "report.json").write_text("{}\n")
+    for config_text, problem in [
+        ('{"lr": 0.1}\n', "keys that no run has: lr"),
+        ("lr: 0.1\n", "not JSON (Expecting value: line 1 column 1 (char 0))"),
+    ]:
+        (project / "config.json").write_text(config_text)
+        before = folder_contents(project)
+        assert run_main([*flags, "--out", str(project)], capsys) == (
+            2,
+            f"error: {project} already exists and holds 3 other file(s) and folder(s) "
+            "(checkpoints, config.json, report.json); choose another --out, or --overwrite to "
+            "write this run into it (replacing its files of the same names)\n",
+        )
+        assert run_main([*flags, "--out", str(project), "--resume"], capsys) == (
+            2,
+            f"error: nothing to resume: {project} holds no run (its config.json is not a run's "
+            f"configuration: {problem}); check --out, or start a new run there without "
+            "--resume\n",
+        )
+        assert folder_contents(project) == before
 
     assert run_main([*flags, "--out", str(folder), "--overwrite"], capsys)[0] == 0
     assert json.loads((folder / "report.json").read_text())["run"] == str(folder)
@@ -807,51 +856,32 @@ def test_run_folders_that_are_not_this_runs_are_refused_unless_asked(
         "learning_rate: 0.5 in the run, 0.006026 now); choose another --out, or --overwrite to "
         "write this run into it (replacing its files of the same names)\n",
     )
-    # This run's folder before its first checkpoint (a run stopped in epoch 1) starts again.
+    # This run's folder before its first checkpoint (a run stopped in epoch 1) starts again,
+    # and so does a folder of an empty checkpoints/ only (a run stopped before its config.json).
     (other / "config.json").write_text(json.dumps({**saved, "out": str(other), "epochs": 3}))
     assert run_main([*flags, "--out", str(other)], capsys)[0] == 0
     assert len(read_lines(other / "metrics.jsonl")) == 1
-
-
-@pytest.fixture
-def file_size_limit() -> Any:
-    """``limit(bytes)``: from then on until the test ends, this process cannot write a file
-    beyond ``bytes`` (its writes fail with EFBIG, as they would with ENOSPC on a full disk)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a fatal signal
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
+    (tmp_path / "stopped" / "checkpoints").mkdir(parents=True)
+    assert run_main([*flags, "--out", str(tmp_path / "stopped")], capsys)[0] == 0
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_resumes(
-    tmp_path: pathlib.Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    file_size_limit: Any,
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Epoch 2's checkpoint cannot be written: one line says so and that epoch 1's is intact
-    (exit status 1), not Orbax's tracebacks; --resume then trains epochs 2 and 3."""
+    """Epoch 2's checkpoint cannot be written (a full disk, in a child process): one line says
+    so and that epoch 1's is intact (exit status 1), nothing else, neither Orbax's tracebacks
+    nor those of its unfinished writes; --resume then trains epochs 2 and 3."""
     data = without_validation_split(tmp_path / "toy.npz")
     out = tmp_path / "run"
     flags = ["--dataset", f"npz:{data}", "--model", "lstm", "--hidden", "8", "--layers", "1"]
     flags += ["--epochs", "3", "--batch-size", "16", "--no-progress", "--out", str(out)]
-    save = CheckpointStore.save
-
-    def save_into_a_full_disk(store: CheckpointStore, step: int, *args: Any) -> None:
-        if step == 2:
-            file_size_limit(1000)
-        save(store, step, *args)
-
-    monkeypatch.setattr(CheckpointStore, "save", save_into_a_full_disk)
-    assert run_main(flags, capsys) == (
+    failed = run_training(flags, disk_full_before_checkpoint=2)
+    assert (failed.returncode, failed.stderr) == (
         1,
         f"error: could not save the checkpoint of epoch 2 in {out / 'checkpoints'} ([Errno 27] "
         "File too large); the checkpoint of epoch 1 is intact: resume the run (--resume) once "
         "the problem is solved\n",
     )
-    file_size_limit(resource.RLIM_INFINITY)
-    monkeypatch.undo()
     first = read_lines(out / "metrics.jsonl")
     assert [line["epoch"] for line in first] == [1]
     assert verify_step(out / "checkpoints" / "1") is None
