@@ -63,6 +63,7 @@ from experiments.prediction.writers import FORMATS, PredictionWriter, output_for
 from experiments.preprocessing import PreprocessingError
 from experiments.restore import add_checkpoint_arguments
 from larnn_jax.exported import ExportFormatError
+from larnn_jax.inference import InputRangeError
 
 
 def classify_file(
@@ -72,7 +73,10 @@ def classify_file(
     ``kind`` and the summary."""
     started = time.perf_counter()
     sequences = read_input(path, predictor.preprocessing, stride)
-    probabilities = predictor.predict(sequences.x, sequences.lengths)
+    try:
+        probabilities = predictor.predict(sequences.x, sequences.lengths)
+    except InputRangeError as err:  # the network's sums overflow: no NaN counted as a class
+        raise InputError(f"{path}: {sequences.name_value(err.index)} {err.problem}") from None
     text = io.StringIO()
     writer = PredictionWriter(text, kind, predictor.class_names, sequences.starts is not None)
     for index, row in enumerate(probabilities):
@@ -116,12 +120,19 @@ def run_stream(
     skipped = predictions = 0
     stopped = None
     try:
-        for _, values in time_steps(lines, predictor.preprocessing, STDIN):
+        for number, values in time_steps(lines, predictor.preprocessing, STDIN):
             if isinstance(values, InputError):
                 skipped += 1
                 print(f"error: {values}; skipped", file=err, flush=True)
                 continue
-            prediction = stream.push(values)
+            try:
+                prediction = stream.push(values)
+            except InputRangeError as error:  # the network's sums overflow
+                skipped += 1
+                (channel,) = error.index
+                value = f"value {channel + 1}, {error.value!s}, {error.problem}"
+                print(f"error: {STDIN}: line {number}: {value}; skipped", file=err, flush=True)
+                continue
             if prediction is not None:
                 writer.write(prediction.window, prediction.probabilities, prediction.start_step)
                 out.flush()

@@ -270,7 +270,8 @@ class ExportedClassifier:
 
         Raises:
             ValueError: ``x`` is not ``(N, T', C)``.
-            larnn_jax.inference.InputRangeError: a value the model cannot read.
+            larnn_jax.inference.InputRangeError: a value the model cannot read, or a sequence
+                whose output is NaN or infinite (its largest value named).
         """
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[-1] != self.channels:
@@ -289,6 +290,7 @@ class ExportedClassifier:
             lengths,
             batch_size or self.batch_size,
             len(self.class_names),
+            raw=x,
         )
 
     def step(

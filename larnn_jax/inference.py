@@ -34,9 +34,15 @@ ProbabilitiesFunction = Callable[[np.ndarray, "np.ndarray | None"], Any]
 StepFunction = Callable[[Any, jax.Array], tuple[Any, jax.Array]]
 
 
+#: What :class:`InputRangeError` says of a value that the network cannot take: with it, the
+#: network's float32 sums overflow and its output is NaN or infinite.
+TOO_LARGE_FOR_THE_MODEL = "is too large for the model: its float32 sums overflow"
+
+
 class InputRangeError(ValueError):
-    """An input value that the model cannot read: not a finite float32, or taken beyond
-    float32 by the standardisation.
+    """An input value that the model cannot read: not a finite float32, taken beyond float32 by
+    the standardisation, or so large that the network's own float32 sums overflow (its output
+    NaN or infinite: :func:`predict_in_batches`, :meth:`WindowStream.push`).
 
     Attributes:
         index: the value's index in the input array.
@@ -85,12 +91,22 @@ def predict_in_batches(
     lengths: np.ndarray | None,
     batch_size: int,
     num_classes: int,
+    *,
+    raw: np.ndarray | None = None,
 ) -> np.ndarray:
     """``probabilities`` over ``x`` ``(N, T, C)`` (standardised) in batches of ``batch_size``:
     ``(N, K)`` float32.
 
     The last batch is padded to ``batch_size`` (with zeros, lengths ``T``), so that a jitted
     ``probabilities`` compiles once per sequence length.
+
+    Args:
+        raw: ``x`` before its standardisation, which errors name (default: ``x``).
+
+    Raises:
+        InputRangeError: the output of a sequence is NaN or infinite (values so large that the
+            network's float32 sums overflow); it names the first such sequence's largest
+            standardised value, never a NaN counted as a class.
     """
     rows = len(x)
     if rows == 0:
@@ -110,7 +126,16 @@ def predict_in_batches(
         )
         for start in range(0, padded, batch)
     ]
-    return np.concatenate(results)[:rows]
+    result = np.concatenate(results)[:rows]
+    overflowed = np.flatnonzero(~np.isfinite(result).all(axis=-1))
+    if overflowed.size:
+        row = int(overflowed[0])
+        valid = x[row, : x.shape[1] if lengths is None else int(lengths[row])]
+        step, channel = np.unravel_index(np.argmax(np.abs(valid)), valid.shape)
+        index = (row, int(step), int(channel))
+        value = (x if raw is None else np.asarray(raw))[index]
+        raise InputRangeError(index, value, TOO_LARGE_FOR_THE_MODEL)
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +205,12 @@ class WindowStream:
         self._standardize = standardize
         initial = initial_carries(self.slots)
 
-        def advance(carries: Any, sample: jax.Array, restart: jax.Array) -> tuple[Any, jax.Array]:
+        def advance(
+            carries: Any, sample: jax.Array, restart: jax.Array
+        ) -> tuple[Any, jax.Array, jax.Array]:
             """Restarts the carries where ``restart`` ``(slots,)``, then steps all of them on
-            ``sample`` ``(C,)``; returns the carries and every slot's probabilities."""
+            ``sample`` ``(C,)``; returns the carries, every slot's probabilities and whether all
+            of them are finite."""
 
             def reset(start: jax.Array, carry: jax.Array) -> jax.Array:
                 return jnp.where(restart.reshape((-1,) + (1,) * (carry.ndim - 1)), start, carry)
@@ -190,7 +218,11 @@ class WindowStream:
             carries = jax.tree.map(reset, initial, carries)
             x = jnp.broadcast_to(sample, (self.slots, sample.shape[-1]))
             carries, logits = step(carries, x)
-            return carries, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            finite = jnp.all(jnp.isfinite(probabilities))
+            for leaf in jax.tree.leaves(carries):
+                finite &= jnp.all(jnp.isfinite(leaf))
+            return carries, probabilities, finite
 
         # The variables are constants of the compiled step rather than arguments: a call then
         # passes only the carries, which takes about a third off a push at the paper's sizes.
@@ -201,7 +233,7 @@ class WindowStream:
         # no sample waits for a compilation.
         carries = initial
         for _ in range(2):
-            carries, warm = self._advance(
+            carries, warm, _ = self._advance(
                 carries, np.zeros(channels, np.float32), np.zeros(self.slots, bool)
             )
         jax.block_until_ready(warm)
@@ -211,19 +243,24 @@ class WindowStream:
         completes, if any.
 
         Raises:
-            ValueError: the sample has the wrong shape or a value that is not finite; the
-                stream is left as it was.
+            ValueError: the sample has the wrong shape or a value that is not finite;
+                :class:`InputRangeError`: a value that the standardisation, or the network's
+                float32 sums, take beyond float32. Either way the stream is left as it was.
         """
         sample = np.asarray(sample, np.float32)
         if sample.shape != (self.channels,) or not np.all(np.isfinite(sample)):
             raise ValueError(f"a sample must hold {self.channels} finite numbers; got {sample!r}")
+        standardised = self._standardize(sample)
         step = self.samples
         restart = np.zeros(self.slots, bool)
         if step % self.stride == 0:  # a window begins here
             restart[(step // self.stride) % self.slots] = True
         started = time.perf_counter()
-        carries, probabilities = self._advance(self._carries, self._standardize(sample), restart)
+        carries, probabilities, finite = self._advance(self._carries, standardised, restart)
         jax.block_until_ready(probabilities)
+        if not finite:
+            channel = int(np.argmax(np.abs(standardised)))
+            raise InputRangeError((channel,), sample[channel], TOO_LARGE_FOR_THE_MODEL)
         self.latencies.append(time.perf_counter() - started)
         self._carries = carries
         self.samples += 1

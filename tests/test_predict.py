@@ -22,6 +22,7 @@ from experiments.checkpoints import CheckpointStore
 from experiments.config import TrainConfig, load_config_dataset
 from experiments.prediction import Predictor, read_input, sliding_windows
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
+from larnn_jax.inference import TOO_LARGE_FOR_THE_MODEL
 
 T, C = 10, 3  # the tiny dataset's sequence length and channels
 
@@ -57,10 +58,6 @@ def predictor(run: pathlib.Path) -> Predictor:
 def series(data: pathlib.Path) -> np.ndarray:
     """47 raw time steps: the first test sequences end to end, cut short."""
     return np.load(data)["X_test"].reshape(-1, C)[:47]
-
-
-def errors(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error:")]
 
 
 def write_csv(path: pathlib.Path, rows: np.ndarray, header: str | None = None) -> pathlib.Path:
@@ -339,7 +336,7 @@ def test_bad_text_input_is_named_with_file_and_line(
     args = ["--checkpoint", str(run), "--input", str(path), "--output", str(output)]
     assert predict.main(args) == 2
     captured = capsys.readouterr()
-    assert errors(captured.err) == [f"error: {path}: {message}"]
+    assert captured.err == f"error: {path}: {message}\n"
     assert captured.out == ""
     assert output.read_text() == "earlier predictions\n"  # untouched
 
@@ -376,7 +373,7 @@ def test_bad_npz_input_and_run_folders(
     for path, message in cases:
         capsys.readouterr()
         assert predict.main(["--checkpoint", str(run), "--input", str(path)]) == 2, message
-        assert errors(capsys.readouterr().err) == [f"error: {tmp_path}/{message}"]
+        assert capsys.readouterr().err == f"error: {tmp_path}/{message}\n"
 
     for checkpoint, step, message in [
         (empty, None, f"no usable checkpoint in {empty}"),
@@ -389,46 +386,91 @@ def test_bad_npz_input_and_run_folders(
     ]:
         args = ["--checkpoint", str(checkpoint), "--input", str(data)]
         assert predict.main([*args, *(["--step", step] if step else [])]) == 2
-        assert errors(capsys.readouterr().err) == [f"error: {message}"]
+        assert capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_values_the_standardisation_takes_beyond_float32_are_refused(
-    run: pathlib.Path, predictor: Predictor, series: np.ndarray, tmp_path: pathlib.Path, capsys
-) -> None:
-    """3e38 is a float32, but (3e38 - mean) / std is not when std < 1: such a value is named
-    in a file (exit status 2, no predictions), skipped in a stream, refused by the library,
-    instead of NaN probabilities counted as class 0."""
-    mean, std = predictor.preprocessing.channel_mean[1], predictor.preprocessing.channel_std[1]
-    assert std < 1
-    problem = (
-        f"is too large for the run's standardisation: (x - {mean:.6g}) / {std:.6g} overflows "
-        "float32"
+@pytest.fixture(scope="module")
+def overflowing(predictor: Predictor) -> Predictor:
+    """The run's model with an input projection whose float32 sums overflow on huge values:
+    every unit weighs channels 0 and 1 by 4, so that standardised values of 1e38 and 2e38 in
+    them project to +inf, whose sums in the recurrent layer's gates, with weights of both
+    signs, are NaN (as trained LSTMs give for some values of 1e38); values of the data's size
+    pass as before. The layers run the fused scan, whose float32 arithmetic carries a NaN
+    through as XLA's does (the native scan's exp clamps its argument, which turns a NaN into
+    a number)."""
+    params = predictor.variables["params"]
+    kernel = np.zeros_like(params["input_projection"]["kernel"])  # (C, H)
+    kernel[:2] = 4.0
+    projection = {**params["input_projection"], "kernel": kernel}
+    variables = {**predictor.variables, "params": {**params, "input_projection": projection}}
+    return Predictor(
+        predictor.model.clone(scan="fused"),
+        variables,
+        predictor.preprocessing,
+        predictor.config,
+        predictor.epoch,
+        predictor.checkpoint_dir,
     )
+
+
+@pytest.mark.parametrize("beyond", ["standardisation", "network"])
+def test_values_that_the_model_takes_beyond_float32_are_refused(
+    beyond: str,
+    run: pathlib.Path,
+    predictor: Predictor,
+    overflowing: Predictor,
+    series: np.ndarray,
+    tmp_path: pathlib.Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A finite float32 that the standardisation takes beyond float32 (3e38, where the
+    channel's standard deviation is below 1), or with which the network's float32 sums
+    overflow (its output NaN): named in a file (exit status 2, no predictions), skipped in a
+    stream (its windows as they were without it), refused by the library, instead of NaN
+    probabilities counted as class 0."""
+    mean, std = predictor.preprocessing.channel_mean, predictor.preprocessing.channel_std
+    huge = series[3].copy()
+    if beyond == "standardisation":
+        assert std[1] < 1
+        model, huge[1] = predictor, 3e38
+        problem = (
+            f"is too large for the run's standardisation: (x - {mean[1]:.6g}) / {std[1]:.6g} "
+            "overflows float32"
+        )
+        shown = "'3e38'"  # the text of the file, which names the value as it is written
+    else:
+        model, huge[:2] = overflowing, mean[:2] + std[:2] * np.float32([1e38, 2e38])
+        problem = TOO_LARGE_FOR_THE_MODEL
+        shown = str(huge[1])  # the value read: the largest that the network saw
+        monkeypatch.setattr(predict.Predictor, "from_run", lambda *args, **kwargs: model)
     rows = [",".join(repr(float(v)) for v in row) for row in series[:20]]
-    rows[3] = "0,3e38,0"
+    rows[3] = ",".join(["0", "3e38", "0"] if beyond == "standardisation" else map(str, huge))
     path = tmp_path / "huge.csv"
     path.write_text("\n".join(rows) + "\n")
     output = tmp_path / "out.csv"
     capsys.readouterr()
     args = ["--checkpoint", str(run), "--input", str(path), "--output", str(output)]
     assert predict.main(args) == 2
-    assert errors(capsys.readouterr().err) == [f"error: {path}: line 4: value 2, '3e38', {problem}"]
+    assert capsys.readouterr().err == f"error: {path}: line 4: value 2, {shown}, {problem}\n"
     assert not output.exists()
 
     windows = np.stack([series[:T], series[5 : 5 + T]]).copy()
-    windows[1, 7, 1] = 3e38
-    huge = npz(tmp_path / "huge.npz", X=windows)
-    assert predict.main(["--checkpoint", str(run), "--input", str(huge)]) == 2
-    assert errors(capsys.readouterr().err) == [f"error: {huge}: X[1, 7, 1] = 3e+38 {problem}"]
-    with pytest.raises(ValueError, match=re.escape(f"x[1, 7, 1] = 3e+38 {problem}")):
-        predictor.predict(windows)
+    windows[1, 7] = huge
+    stored = npz(tmp_path / "huge.npz", X=windows)
+    assert predict.main(["--checkpoint", str(run), "--input", str(stored)]) == 2
+    assert capsys.readouterr().err == f"error: {stored}: X[1, 7, 1] = {huge[1]!s} {problem}\n"
+    with pytest.raises(ValueError, match=re.escape(f"x[1, 7, 1] = {huge[1]!s} {problem}")):
+        model.predict(windows)
+    assert np.isfinite(model.predict(windows[:1])).all()
 
-    err = io.StringIO()
-    summary = predict.run_stream(
-        predictor, [row + "\n" for row in rows], 5, io.StringIO(), err, "csv"
-    )
-    assert err.getvalue() == f"error: <stdin>: line 4: value 2, '3e38', {problem}; skipped\n"
+    err, predictions = io.StringIO(), io.StringIO()
+    summary = predict.run_stream(model, [row + "\n" for row in rows], 5, predictions, err, "csv")
+    assert err.getvalue() == f"error: <stdin>: line 4: value 2, {shown}, {problem}; skipped\n"
     assert (summary["samples"], summary["skipped_lines"]) == (19, 1)
+    without = io.StringIO()
+    predict.run_stream(model, [row + "\n" for row in rows[:3] + rows[4:]], 5, without, err, "csv")
+    assert predictions.getvalue() == without.getvalue()
 
 
 def test_bytes_that_are_not_utf8_spoil_their_line_only(
@@ -450,17 +492,18 @@ def test_bytes_that_are_not_utf8_spoil_their_line_only(
     captured = capsys.readouterr()
     token = series[2, 2].item().__repr__() + "\ufffd"
     message = f"line 3: value 3, {token!r}, is not a number: the line is not UTF-8 text"
-    assert errors(captured.err) == [f"error: <stdin>: {message}; skipped"]
+    summary_start = captured.err.index("{")
+    assert captured.err[:summary_start] == f"error: <stdin>: {message}; skipped\n"
     assert len(captured.out.splitlines()) == 1 + 2  # the header, windows at steps 0 and 5
-    summary = json.loads(captured.err[captured.err.index("{") :])
+    summary = json.loads(captured.err[summary_start:])
     assert (summary["samples"], summary["skipped_lines"]) == (19, 1)
 
     path = tmp_path / "latin.csv"
     path.write_bytes(b"temp\xe9rature,x,y\n" + data)  # a Latin-1 header is still a header
     assert predict.main(["--checkpoint", str(run), "--input", str(path)]) == 2
-    assert errors(capsys.readouterr().err) == [
-        f"error: {path}: line 4: value 3, {token!r}, is not a number: the line is not UTF-8 text"
-    ]
+    assert capsys.readouterr().err == (
+        f"error: {path}: line 4: value 3, {token!r}, is not a number: the line is not UTF-8 text\n"
+    )
 
 
 def test_an_output_that_would_destroy_the_input_or_cannot_be_written_is_refused_first(

@@ -131,23 +131,24 @@ def time_steps(
             yield number, values
 
 
-def read_text(path: pathlib.Path, preprocessing: Preprocessing) -> tuple[np.ndarray, int]:
-    """A text file's time steps ``(R, C)`` float32 and the line of the last one (0: none).
+def read_text(path: pathlib.Path, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """A text file's time steps ``(R, C)`` float32 and the line of each ``(R,)``.
 
     Raises:
         InputError: the first bad line (:func:`parse_time_step`), or an unreadable file.
     """
-    rows = []
-    last_line = 0
+    rows, lines = [], []
     try:
         with path.open(encoding="utf-8", errors="replace", newline=None) as file:
-            for last_line, values in time_steps(file, preprocessing, str(path)):  # noqa: B007
+            for number, values in time_steps(file, preprocessing, str(path)):
                 if isinstance(values, InputError):
                     raise values
                 rows.append(values)
+                lines.append(number)
     except OSError as err:
         raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
-    return np.array(rows, np.float32).reshape(len(rows), preprocessing.channels), last_line
+    values = np.array(rows, np.float32).reshape(len(rows), preprocessing.channels)
+    return values, np.array(lines, np.int64)
 
 
 def sliding_windows(values: np.ndarray, length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +171,8 @@ class Sequences:
         labels: true classes ``(N,)``, or None.
         starts: for windows cut from text, the first time step of each ``(N,)``; else None.
         time_steps: for text, the number of time steps read; else None.
+        lines: for text, the line of each time step ``(time_steps,)``; else None.
+        key: for an ``.npz``, the name of the array ``x`` comes from.
     """
 
     x: np.ndarray
@@ -177,6 +180,22 @@ class Sequences:
     labels: np.ndarray | None = None
     starts: np.ndarray | None = None
     time_steps: int | None = None
+    lines: np.ndarray | None = None
+    key: str = "X"
+
+    def name_value(self, index: tuple[int, int, int]) -> str:
+        """The value ``x[index]`` (sequence, step, channel) named as the input holds it:
+        ``line L: value C, V,`` in text, ``X[i, t, c] = V`` in an ``.npz``."""
+        if self.lines is None or self.starts is None:
+            return npz_value(self.key, index, self.x[index])
+        sequence, step, channel = index
+        line = self.lines[self.starts[sequence] + step]
+        return f"line {line}: value {channel + 1}, {self.x[index]!s},"
+
+
+def npz_value(key: str, index: tuple[int, ...], value: object) -> str:
+    """``KEY[i, j, k] = VALUE``: how errors name a value of an ``.npz`` array."""
+    return f"{key}[{', '.join(map(str, index))}] = {value!s}"
 
 
 def read_npz(path: pathlib.Path, preprocessing: Preprocessing) -> Sequences:
@@ -207,8 +226,9 @@ def read_npz(path: pathlib.Path, preprocessing: Preprocessing) -> Sequences:
         try:
             preprocessing.apply(x)
         except InputRangeError as err:
-            index = ", ".join(map(str, err.index))
-            raise InputError(f"{path}: {key}[{index}] = {err.value!s} {err.problem}") from None
+            raise InputError(
+                f"{path}: {npz_value(key, err.index, err.value)} {err.problem}"
+            ) from None
         lengths = arrays.get("lengths") if key == "X" else None
         if lengths is not None:
             check_column(path, "lengths", lengths, len(x), "length")
@@ -232,7 +252,7 @@ def read_npz(path: pathlib.Path, preprocessing: Preprocessing) -> Sequences:
                 )
     except DataError as err:
         raise InputError(str(err)) from err
-    return Sequences(x, lengths, labels)
+    return Sequences(x, lengths, labels, key=key)
 
 
 def read_input(path: pathlib.Path, preprocessing: Preprocessing, stride: int) -> Sequences:
@@ -246,13 +266,13 @@ def read_input(path: pathlib.Path, preprocessing: Preprocessing, stride: int) ->
         raise InputError(f"{path}: no such file")
     if zipfile.is_zipfile(path) or path.suffix == ".npz":
         return read_npz(path, preprocessing)
-    values, last_line = read_text(path, preprocessing)
+    values, lines = read_text(path, preprocessing)
     length = preprocessing.steps
     if len(values) < length:
-        where = f"{path}: line {last_line}" if last_line else f"{path}"
+        where = f"{path}: line {lines[-1]}" if len(lines) else f"{path}"
         raise InputError(
             f"{where}: the input ends after {len(values)} time steps, fewer than one window of "
             f"{length}"
         )
     windows, starts = sliding_windows(values, length, stride)
-    return Sequences(windows, starts=starts, time_steps=len(values))
+    return Sequences(windows, starts=starts, time_steps=len(values), lines=lines)

@@ -141,6 +141,10 @@ class Predictor:
             x: sequences as the sensor gives them: the run's standardisation is applied here.
             lengths: ``(N,)`` valid steps of each sequence (default: all ``T'``).
             batch_size: sequences per call of the model (default: the run's batch size).
+
+        Raises:
+            larnn_jax.inference.InputRangeError: a value that the model cannot read, or a
+                sequence whose output is NaN or infinite (its largest value named).
         """
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[-1] != self.channels:
@@ -153,6 +157,7 @@ class Predictor:
             lengths,
             batch_size or self.config.batch_size,
             len(self.class_names),
+            raw=x,
         )
 
     def stream(self, stride: int) -> StreamPredictor:
