@@ -507,10 +507,10 @@ def test_bytes_that_are_not_utf8_spoil_their_line_only(
 
 
 def test_an_output_that_would_destroy_the_input_or_cannot_be_written_is_refused_first(
-    run: pathlib.Path, series: np.ndarray, tmp_path: pathlib.Path, capsys
+    series: np.ndarray, tmp_path: pathlib.Path, capsys
 ) -> None:
     """--output naming the --input file (or a link to it), a missing folder or a folder: one
-    line, exit status 2, before the model is loaded; the input is left as it was."""
+    line, exit status 2, before the run is even looked for; the input is left as it was."""
     source = write_csv(tmp_path / "v.csv", series)
     before = source.read_bytes()
     link = tmp_path / "link.csv"
@@ -526,7 +526,8 @@ def test_an_output_that_would_destroy_the_input_or_cannot_be_written_is_refused_
     }
     capsys.readouterr()
     for output, message in refused.items():
-        args = ["--checkpoint", str(run), "--input", str(source), "--output", str(output)]
+        nowhere = tmp_path / "no-run"  # refused before the run is looked for
+        args = ["--checkpoint", str(nowhere), "--input", str(source), "--output", str(output)]
         assert predict.main(args) == 2
         assert capsys.readouterr().err == f"error: --output {message}\n"
     assert source.read_bytes() == before

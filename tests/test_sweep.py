@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import ray
 from hyperopt import hp
 from hyperopt.pyll import stochastic
 from ray.tune.schedulers import TrialScheduler
@@ -290,12 +291,14 @@ def test_help(module, capsys) -> None:
     ids=["gpus", "resume-without-name", "no-space", "misspelt-flag", "no-trials", "no-concurrency"],
 )
 def test_invalid_arguments_exit_2(argv: list[str], message: str, capsys) -> None:
+    """argparse's usage, then one line naming the problem, before Ray starts."""
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(argv)
     assert exit_info.value.code == 2
     assert (
         capsys.readouterr().err.splitlines()[-1] == f"python -m experiments.sweep: error: {message}"
     )
+    assert not ray.is_initialized()
 
 
 def test_bad_space_or_missing_experiment_exit_2(tmp_path: pathlib.Path, capsys) -> None:
