@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench = train[model]
         usage = bench.usage_summary() if isinstance(bench, TrainingBench) else {}
         cpu = usage.get("cpu_user_s", 0.0) + usage.get("cpu_sys_s", 0.0)
+        infer_bench = infer[model]
+        infer_usage = infer_bench.usage_summary() if isinstance(infer_bench, InferenceBench) else {}
+        infer_cpu = infer_usage.get("cpu_user_s", 0.0) + infer_usage.get("cpu_sys_s", 0.0)
         rows.append(
             {
                 "model": model,
@@ -165,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "infer_ms": inference["median_s"] * 1e3,
                 "infer_seq_per_s": args.batch / inference["median_s"],
                 "infer_vs_lstm": _ratio(inference["median_s"], base_infer),
+                "infer_cpu_s": infer_cpu or None,
                 "compile_s": info[model]["compile_s"],
                 "compile_vs_lstm": _ratio(info[model]["compile_s"], base_compile),
                 "train_memory_gib": None if memory is None else memory["total_bytes"] / GIB,
@@ -178,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
         )
     base_cpu = next((r["train_cpu_s"] for r in rows if r["model"] == BASELINE), None)
+    base_infer_cpu = next((r["infer_cpu_s"] for r in rows if r["model"] == BASELINE), None)
     for row in rows:
         row["train_cpu_vs_lstm"] = _ratio(row["train_cpu_s"], base_cpu)
+        row["infer_cpu_vs_lstm"] = _ratio(row["infer_cpu_s"], base_infer_cpu)
     larnn_ratio = next((r["train_vs_lstm"] for r in rows if r["model"] == "larnn"), None)
     by_model = {row["model"]: row for row in rows}
     default = by_model.get("larnn")
@@ -220,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 Column("infer_ms", "infer ms/batch", "{:.1f}"),
                 Column("infer_seq_per_s", "infer seq/s", "{:.0f}"),
                 Column("infer_vs_lstm", "x LSTM", "{:.2f}"),
+                Column("infer_cpu_s", "infer CPU s", "{:.3f}"),
+                Column("infer_cpu_vs_lstm", "x LSTM", "{:.2f}"),
                 Column("compile_s", "compile s", "{:.1f}"),
                 Column("compile_vs_lstm", "x LSTM", "{:.2f}"),
                 Column("train_memory_gib", "train GiB", "{:.2f}"),

@@ -59,6 +59,7 @@ def test_throughput(tmp_path: Path) -> None:
     larnn = rows["larnn"]
     assert larnn["compile_s"] > 0 and larnn["train_memory"]["total_bytes"] > 0
     assert larnn["cpu_user_s"] > 0 and larnn["train_cpu_vs_lstm"] > 0
+    assert larnn["infer_cpu_s"] > 0 and larnn["infer_cpu_vs_lstm"] > 0
     assert document["target"]["larnn_train_vs_lstm"] == rows["larnn"]["train_vs_lstm"]
     assert isinstance(document["target"]["met"], bool)
     assert set(document["larnn_speedup"]) == {"larnn_fused", "larnn_plain"}

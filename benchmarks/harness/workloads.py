@@ -126,7 +126,41 @@ class Workload:
         return x, jax.random.randint(key_y, (self.batch,), 0, self.classes)
 
 
-class TrainingBench:
+class _RecordsUsage:
+    """Records, per call, this process's CPU seconds in user and kernel mode and its minor page
+    faults (``usage``)."""
+
+    def __init__(self) -> None:
+        self.usage: list[tuple[float, float, int]] = []
+
+    def _record_usage(self, before: resource.struct_rusage) -> None:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.usage.append(
+            (
+                after.ru_utime - before.ru_utime,
+                after.ru_stime - before.ru_stime,
+                after.ru_minflt - before.ru_minflt,
+            )
+        )
+
+    def usage_summary(self) -> dict[str, float]:
+        """Medians over the calls so far: CPU seconds in user and kernel mode, minor page faults.
+
+        This process's own CPU time (all threads), so other load on the machine does not count;
+        kernel time on the CPU backend is mostly the zero-filling of freshly mapped temporary
+        buffers (one minor fault per 4 KiB page).
+        """
+        if not self.usage:
+            return {}
+        user, kernel, faults = np.median(np.asarray(self.usage), axis=0)
+        return {
+            "cpu_user_s": float(user),
+            "cpu_sys_s": float(kernel),
+            "minor_faults": float(faults),
+        }
+
+
+class TrainingBench(_RecordsUsage):
     """A model's training step on one fixed batch, to be called repeatedly.
 
     The step is the training's own (:func:`experiments.steps.make_train_step`: forward,
@@ -161,7 +195,7 @@ class TrainingBench:
             make_train_step(model, optimizer), self.state, x, y, self.rows, self.steps_run
         )
         self.memory = memory_analysis(self.compiled)
-        self.usage: list[tuple[float, float, int]] = []
+        super().__init__()
 
     @classmethod
     def of(cls, workload: Workload) -> TrainingBench:
@@ -176,37 +210,16 @@ class TrainingBench:
         self.state, loss, _ = self.compiled(self.state, self.x, self.y, self.rows, self.steps_run)
         self.steps_run += 1
         value = float(jax.block_until_ready(loss))
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        self.usage.append(
-            (
-                after.ru_utime - before.ru_utime,
-                after.ru_stime - before.ru_stime,
-                after.ru_minflt - before.ru_minflt,
-            )
-        )
+        self._record_usage(before)
         return value
 
-    def usage_summary(self) -> dict[str, float]:
-        """Medians over the calls so far: CPU seconds in user and kernel mode, minor page faults.
 
-        This process's own CPU time (all threads), so other load on the machine does not count;
-        kernel time on the CPU backend is mostly the zero-filling of freshly mapped temporary
-        buffers (one minor fault per 4 KiB page).
-        """
-        if not self.usage:
-            return {}
-        user, kernel, faults = np.median(np.asarray(self.usage), axis=0)
-        return {
-            "cpu_user_s": float(user),
-            "cpu_sys_s": float(kernel),
-            "minor_faults": float(faults),
-        }
-
-
-class InferenceBench:
-    """A model's compiled evaluation-mode forward pass on one fixed batch."""
+class InferenceBench(_RecordsUsage):
+    """A model's compiled evaluation-mode forward pass on one fixed batch; ``usage`` as
+    :class:`TrainingBench`'s."""
 
     def __init__(self, model: nn.Module, x: jax.Array, seed: int = 0):
+        super().__init__()
         self.x = x
         self.variables = model.init(jax.random.key(seed), x[:1], deterministic=True)
 
@@ -222,8 +235,10 @@ class InferenceBench:
         return cls(workload.model(), workload.data()[0])
 
     def __call__(self) -> None:
-        """One forward pass, waited for."""
+        """One forward pass, waited for; records the CPU time and page faults it took."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
         jax.block_until_ready(self.compiled(self.variables, self.x))
+        self._record_usage(before)
 
 
 def parameter_count(tree: PyTree) -> int:
