@@ -22,6 +22,7 @@ from experiments.checkpoints import CheckpointStore
 from experiments.config import TrainConfig, load_config_dataset
 from experiments.prediction import Predictor, read_input, sliding_windows
 from experiments.preprocessing import PREPROCESSING_FILE, Preprocessing
+from larnn_jax import native
 from larnn_jax.inference import TOO_LARGE_FOR_THE_MODEL
 
 T, C = 10, 3  # the tiny dataset's sequence length and channels
@@ -389,22 +390,19 @@ def test_bad_npz_input_and_run_folders(
         assert capsys.readouterr().err == f"error: {message}\n"
 
 
-@pytest.fixture(scope="module")
-def overflowing(predictor: Predictor) -> Predictor:
-    """The run's model with an input projection whose float32 sums overflow on huge values:
-    every unit weighs channels 0 and 1 by 4, so that standardised values of 1e38 and 2e38 in
-    them project to +inf, whose sums in the recurrent layer's gates, with weights of both
-    signs, are NaN (as trained LSTMs give for some values of 1e38); values of the data's size
-    pass as before. The layers run the fused scan, whose float32 arithmetic carries a NaN
-    through as XLA's does (the native scan's exp clamps its argument, which turns a NaN into
-    a number)."""
+def overflowing(predictor: Predictor, scan: str) -> Predictor:
+    """The run's model, its layers on ``scan``, with an input projection whose float32 sums
+    overflow on huge values: every unit weighs channels 0 and 1 by 4, so that standardised
+    values of 1e38 and 2e38 in them project to +inf, whose sums in the recurrent layer's gates,
+    with weights of both signs, are NaN (as trained LSTMs give for some values of 1e38); values
+    of the data's size pass as before."""
     params = predictor.variables["params"]
     kernel = np.zeros_like(params["input_projection"]["kernel"])  # (C, H)
     kernel[:2] = 4.0
     projection = {**params["input_projection"], "kernel": kernel}
     variables = {**predictor.variables, "params": {**params, "input_projection": projection}}
     return Predictor(
-        predictor.model.clone(scan="fused"),
+        predictor.model.clone(scan=scan),
         variables,
         predictor.preprocessing,
         predictor.config,
@@ -413,12 +411,21 @@ def overflowing(predictor: Predictor) -> Predictor:
     )
 
 
-@pytest.mark.parametrize("beyond", ["standardisation", "network"])
+@pytest.mark.parametrize(
+    "beyond",
+    [
+        "standardisation",
+        "network-fused",
+        pytest.param(
+            "network-native",
+            marks=pytest.mark.skipif(not native.available(), reason="no native LARNN step here"),
+        ),
+    ],
+)
 def test_values_that_the_model_takes_beyond_float32_are_refused(
     beyond: str,
     run: pathlib.Path,
     predictor: Predictor,
-    overflowing: Predictor,
     series: np.ndarray,
     tmp_path: pathlib.Path,
     capsys,
@@ -426,9 +433,9 @@ def test_values_that_the_model_takes_beyond_float32_are_refused(
 ) -> None:
     """A finite float32 that the standardisation takes beyond float32 (3e38, where the
     channel's standard deviation is below 1), or with which the network's float32 sums
-    overflow (its output NaN): named in a file (exit status 2, no predictions), skipped in a
-    stream (its windows as they were without it), refused by the library, instead of NaN
-    probabilities counted as class 0."""
+    overflow (its output NaN, through the XLA scans and the native step alike): named in a file
+    (exit status 2, no predictions), skipped in a stream (its windows as they were without it),
+    refused by the library, instead of NaN probabilities counted as class 0."""
     mean, std = predictor.preprocessing.channel_mean, predictor.preprocessing.channel_std
     huge = series[3].copy()
     if beyond == "standardisation":
@@ -440,7 +447,8 @@ def test_values_that_the_model_takes_beyond_float32_are_refused(
         )
         shown = "'3e38'"  # the text of the file, which names the value as it is written
     else:
-        model, huge[:2] = overflowing, mean[:2] + std[:2] * np.float32([1e38, 2e38])
+        model = overflowing(predictor, scan=beyond.removeprefix("network-"))
+        huge[:2] = mean[:2] + std[:2] * np.float32([1e38, 2e38])
         problem = TOO_LARGE_FOR_THE_MODEL
         shown = str(huge[1])  # the value read: the largest that the network saw
         monkeypatch.setattr(predict.Predictor, "from_run", lambda *args, **kwargs: model)

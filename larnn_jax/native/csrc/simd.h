@@ -70,14 +70,16 @@ inline T lane_sum(Vec<T> v) {
   return total;
 }
 
+// max(a, b) and min(a, b) lane by lane; a NaN in `a` stays NaN (as XLA's maximum and minimum
+// keep it), so that clamping a NaN does not turn it into a number.
 template <typename T>
 inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
-  return a > b ? a : b;
+  return b > a ? b : a;
 }
 
 template <typename T>
 inline Vec<T> vmin(Vec<T> a, Vec<T> b) {
-  return a < b ? a : b;
+  return b < a ? b : a;
 }
 
 // Asks the caches for `bytes` bytes from p on (for reading, or for writing with `write`): a
@@ -95,7 +97,7 @@ inline void prefetch(const void* p, int64_t bytes, bool write = false) {
 
 // exp(x), vectorised: x = n ln2 + r with |r| <= ln2 / 2, exp(x) = 2^n exp(r). Arguments are
 // clamped to the range where 2^n is a normal number (results near 0 or near the largest finite
-// value outside it, never inf or NaN). Relative error: about 1 ulp in float (Cephes' expf
+// value outside it, never inf); exp(NaN) is NaN. Relative error: about 1 ulp in float (Cephes' expf
 // polynomial), below 1e-16 in double (Taylor series to degree 13).
 template <typename T>
 inline Vec<T> vexp(Vec<T> x) {
