@@ -206,18 +206,17 @@ ffi::Error decode_list(const List& list, const int64_t* sizes, const char* const
   return ffi::Error::Success();
 }
 
-// How many threads a call uses: what the caller asked for, at most XLA's pool plus the caller,
-// at most one per 16 samples.
-int team_size(const Call& call, ffi::ThreadPool& pool) {
+// How many threads a call uses: what the caller asked for, at most one per 16 samples (a function
+// of the call alone, so that its results are too: team.h).
+int team_size(const Call& call) {
   int64_t wanted = std::max(1, call.options.threads);
-  wanted = std::min<int64_t>(wanted, pool.num_threads() + 1);
   wanted = std::min<int64_t>(wanted, (call.shape.batch + 15) / 16);
   return int(std::max<int64_t>(1, wanted));
 }
 
 template <typename T>
-ffi::Error forward(ffi::ThreadPool pool, const ffi::RemainingArgs& args,
-                   const ffi::RemainingRets& rets, const Call& call) {
+ffi::Error forward(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
+                   const Call& call) {
   auto inputs = decode_inputs<T>(args, call);
   if (!inputs.has_value()) return inputs.error();
   const Model<T> model(call.shape, call.options, *inputs);
@@ -232,21 +231,18 @@ ffi::Error forward(ffi::ThreadPool pool, const ffi::RemainingArgs& args,
   if (error.failure()) return error;
   ForwardOutputs<T> outputs{out[kROutputs], out[kRCells], out[kRFinalKeys], out[kRFinalValues],
                             out[kRFinalSums], out[kRRunning], out[kRResidual]};
-  const int members_wanted = team_size(call, pool);
   std::unique_ptr<Forward<T>> pass;
-  run_team(
-      members_wanted, [&pool](auto task) { pool.Schedule(std::move(task)); },
-      [&](int member, int members, Barrier& barrier) {
-        if (member == 0) pass = std::make_unique<Forward<T>>(model, outputs, members, barrier);
-        barrier.wait();
-        pass->run(member);
-      });
+  run_team(team_size(call), [&](int member, int members, Barrier& barrier) {
+    if (member == 0) pass = std::make_unique<Forward<T>>(model, outputs, members, barrier);
+    barrier.wait();
+    pass->run(member);
+  });
   return ffi::Error::Success();
 }
 
 template <typename T>
-ffi::Error backward(ffi::ThreadPool pool, const ffi::RemainingArgs& args,
-                    const ffi::RemainingRets& rets, const Call& call) {
+ffi::Error backward(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
+                    const Call& call) {
   auto inputs = decode_inputs<T>(args, call);
   if (!inputs.has_value()) return inputs.error();
   const Model<T> model(call.shape, call.options, *inputs);
@@ -286,40 +282,37 @@ ffi::Error backward(ffi::ThreadPool pool, const ffi::RemainingArgs& args,
       out[kRAttended], out[kRDropped], out[kRHidden], out[kRNorms], out[kRPositions], out[kRH0],
       out[kRC0], out[kRWindowKeys], out[kRWindowValues], out[kRMomentSums],
       out[kRScratch]};
-  const int members_wanted = team_size(call, pool);
   std::unique_ptr<Backward<T>> pass;
-  run_team(
-      members_wanted, [&pool](auto task) { pool.Schedule(std::move(task)); },
-      [&](int member, int members, Barrier& barrier) {
-        if (member == 0) {
-          pass = std::make_unique<Backward<T>>(model, forward, d, outputs, members, barrier);
-        }
-        barrier.wait();
-        pass->run(member);
-      });
+  run_team(team_size(call), [&](int member, int members, Barrier& barrier) {
+    if (member == 0) {
+      pass = std::make_unique<Backward<T>>(model, forward, d, outputs, members, barrier);
+    }
+    barrier.wait();
+    pass->run(member);
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error forward_handler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+ffi::Error forward_handler(ffi::RemainingArgs args, ffi::RemainingRets rets,
                            ffi::Dictionary attrs) {
   auto sequence = args.get<ffi::AnyBuffer>(kSequence);
   if (!sequence.has_value()) return sequence.error();
   auto call = decode_call(attrs, *sequence, false);
   if (!call.has_value()) return call.error();
-  if (sequence->element_type() == ffi::DataType::F32) return forward<float>(pool, args, rets, *call);
-  if (sequence->element_type() == ffi::DataType::F64) return forward<double>(pool, args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F32) return forward<float>(args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F64) return forward<double>(args, rets, *call);
   return ffi::Error::InvalidArgument("the native LARNN step takes float32 or float64");
 }
 
-ffi::Error backward_handler(ffi::ThreadPool pool, ffi::RemainingArgs args,
-                            ffi::RemainingRets rets, ffi::Dictionary attrs) {
+ffi::Error backward_handler(ffi::RemainingArgs args, ffi::RemainingRets rets,
+                            ffi::Dictionary attrs) {
   auto sequence = args.get<ffi::AnyBuffer>(kSequence);
   if (!sequence.has_value()) return sequence.error();
   auto call = decode_call(attrs, *sequence, true);
   if (!call.has_value()) return call.error();
-  if (sequence->element_type() == ffi::DataType::F32) return backward<float>(pool, args, rets, *call);
+  if (sequence->element_type() == ffi::DataType::F32) return backward<float>(args, rets, *call);
   if (sequence->element_type() == ffi::DataType::F64) {
-    return backward<double>(pool, args, rets, *call);
+    return backward<double>(args, rets, *call);
   }
   return ffi::Error::InvalidArgument("the native LARNN step takes float32 or float64");
 }
@@ -341,14 +334,12 @@ ffi::Error keep_mask_handler(ffi::Buffer<ffi::DataType::U32> key,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(larnn_forward, larnn::forward_handler,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attrs<ffi::Dictionary>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(larnn_backward, larnn::backward_handler,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attrs<ffi::Dictionary>());

@@ -1,17 +1,22 @@
 // A team of threads that splits the batch of a LARNN step and meets at barriers.
 //
-// The calling thread is member 0; the others are tasks scheduled on XLA's intra-op thread pool.
-// A task that has not started when the caller is ready to begin would make the caller wait on a
-// thread that may be busy with other work (or, with every pool thread inside such a call, never
-// come): so the caller waits only briefly, and if a helper has not claimed its place by then the
-// caller cancels it and the team runs with the members that did start. The members' share of the
-// batch is fixed once the team is formed, so every result is a function of the team size only.
+// The calling thread is member 0; the others run on worker threads that the library owns
+// (Workers), not on XLA's intra-op pool: that pool may be busy with the very calls that wait for
+// a member (two layers run side by side, or several computations from several Python threads),
+// so a team formed from it would have to start without the members that did not come, and a
+// call's sums over the batch would depend on how busy the machine was. A team always has the
+// members it asked for, and every result is a function of the call's inputs and its thread count.
 #pragma once
 
+#include <pthread.h>
+
 #include <atomic>
-#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #if defined(__linux__)
@@ -103,59 +108,80 @@ class Barrier {
   std::atomic<int> sleepers_{0};
 };
 
-// Runs work(member, members, barrier) on up to `wanted` threads: the caller and wanted - 1 tasks
-// given to schedule(task) (which may run them on any thread, at any later time, or at once).
-template <typename Schedule, typename Work>
-void run_team(int wanted, Schedule schedule, Work work) {
-  if (wanted <= 1) {
+// Worker threads for the teams' helpers, started as needed: a task given to schedule() starts
+// at once on an idle worker, or on a new one, so a member never waits for a thread that is
+// itself waiting (no deadlock however many teams run at once). Idle workers sleep. A child
+// process made by fork() starts with no workers (they do not survive the fork).
+class Workers {
+ public:
+  static Workers& instance() {
+    static const bool registered = [] {
+      pthread_atfork(nullptr, nullptr, [] { current() = new Workers(); });  // the old one leaks
+      return true;
+    }();
+    (void)registered;
+    return *current();
+  }
+
+  void schedule(std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_.push_back(std::move(task));
+    if (idle_ > 0) {
+      ready_.notify_one();
+    } else {
+      std::thread([this] { serve(); }).detach();
+    }
+  }
+
+ private:
+  static Workers*& current() {
+    static Workers* workers = new Workers();  // never destroyed: its threads may outlive main
+    return workers;
+  }
+
+  void serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      if (tasks_.empty()) {
+        ++idle_;
+        ready_.wait(lock, [this] { return !tasks_.empty(); });
+        --idle_;
+      }
+      std::function<void()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+  int idle_ = 0;  // workers waiting for a task
+};
+
+// Runs work(member, members, barrier) on `members` threads: the caller and members - 1 workers.
+template <typename Work>
+void run_team(int members, Work work) {
+  if (members <= 1) {
     Barrier single(1);
     work(0, 1, single);
     return;
   }
-  enum : int { kPending = 0, kClaimed = 1, kCancelled = 2 };
   struct Shared {
-    std::atomic<int> slot_state[8];
-    std::atomic<int> members{0};
+    explicit Shared(int members) : barrier(members) {}
+    Barrier barrier;
     std::atomic<int> finished{0};
-    std::atomic<bool> formed{false};
-    std::unique_ptr<Barrier> barrier;
   };
-  if (wanted > 8) wanted = 8;
-  auto shared = std::make_shared<Shared>();
-  for (auto& state : shared->slot_state) state.store(kPending);
-  for (int slot = 1; slot < wanted; ++slot) {
-    schedule([shared, slot, &work]() {
-      int expected = kPending;
-      if (!shared->slot_state[slot].compare_exchange_strong(expected, kClaimed)) return;
-      // The team is formed once the caller has counted the helpers; a member's index is its
-      // place among the helpers that claimed their slot.
-      spin_until([&] { return shared->formed.load(std::memory_order_acquire); });
-      int member = 1;
-      for (int other = 1; other < slot; ++other) {
-        member += shared->slot_state[other].load(std::memory_order_relaxed) == kClaimed;
-      }
-      work(member, shared->members.load(std::memory_order_relaxed), *shared->barrier);
+  auto shared = std::make_shared<Shared>(members);
+  for (int member = 1; member < members; ++member) {
+    Workers::instance().schedule([shared, member, members, &work] {
+      work(member, members, shared->barrier);
       shared->finished.fetch_add(1, std::memory_order_acq_rel);
     });
   }
-  // Helpers get a short while to start; those that have not are cancelled.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-  for (int slot = 1; slot < wanted; ++slot) {
-    spin_until([&] {
-      return shared->slot_state[slot].load(std::memory_order_acquire) != kPending ||
-             std::chrono::steady_clock::now() > deadline;
-    });
-  }
-  int members = 1;
-  for (int slot = 1; slot < wanted; ++slot) {
-    int expected = kPending;
-    shared->slot_state[slot].compare_exchange_strong(expected, kCancelled);
-    members += shared->slot_state[slot].load() == kClaimed;
-  }
-  shared->members.store(members, std::memory_order_relaxed);
-  shared->barrier = std::make_unique<Barrier>(members);
-  shared->formed.store(true, std::memory_order_release);
-  work(0, members, *shared->barrier);
+  work(0, members, shared->barrier);
   spin_until([&] { return shared->finished.load(std::memory_order_acquire) == members - 1; });
 }
 
