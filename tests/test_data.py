@@ -841,7 +841,7 @@ def test_a_label_typo_stops_the_command_up_front(tmp_path: Path, capsys) -> None
     """1000 among the labels 0..4: one line naming the array and the row, exit status 1 (the
     data is malformed), before any model of 1001 classes is built."""
     path = save_npz(tmp_path, with_value("y_train", (7,), 1000)(npz_arrays()), name="typo.npz")
-    assert data_cli.main(["--spec", f"npz:{path}"]) == 1
+    assert data_cli.main(["--dataset", f"npz:{path}"]) == 1
     assert capsys.readouterr().err == (
         f"error: {path}: y_train[7] = 1000, but no row has a label in 5..999: labels must "
         "number the classes 0..C-1 without gaps (a typo?), or class_names must name all C "
@@ -881,7 +881,7 @@ def test_command_line_summary(uci, capsys: pytest.CaptureFixture[str], tmp_path:
     assert "2 subjects: 2 4" in out
     assert data_cli.main(["--spec", f"npz:{tmp_path / 'absent.npz'}"]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert data_cli.main(["--spec", "har"]) == 2  # a usage error, not a problem of the data
+    assert data_cli.main(["--dataset", "har"]) == 2  # a usage error, not a problem of the data
     assert capsys.readouterr().err == (
         "error: unknown dataset spec 'har'; expected 'uci_har' or 'npz:PATH'\n"
     )

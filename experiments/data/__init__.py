@@ -15,7 +15,7 @@ labels ``(N,)`` int32 in ``0 .. num_classes - 1``, subject ids ``(N,)`` int32.
   problem with the data itself, and :class:`DataSettingsError`, for settings that do not fit the
   data (an unknown spec, a validation split that leaves a part empty).
 
-Command line: ``python -m experiments.data [--data-dir DIR] [--spec SPEC]`` prints a summary.
+Command line: ``python -m experiments.data [--data-dir DIR] [--dataset SPEC]`` prints a summary.
 """
 
 from experiments.data.dataset import DataError, Dataset, DataSettingsError, Split

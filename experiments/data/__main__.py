@@ -1,6 +1,6 @@
 """Load a dataset (downloading UCI HAR if absent) and print a summary of its splits.
 
-    python -m experiments.data [--data-dir DIR] [--spec SPEC]
+    python -m experiments.data [--data-dir DIR] [--dataset SPEC]
 
 Prints the shapes, the class counts and the subjects of every split, and the standardisation.
 Exit status: 0 success, 1 the data is missing or malformed, 2 a usage error.
@@ -50,7 +50,12 @@ def summary(dataset: Dataset) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = cli.command_parser("experiments.data", __doc__)
-    parser.add_argument("--spec", default="uci_har", help="'uci_har' (default) or 'npz:PATH'")
+    parser.add_argument(
+        "--dataset",
+        "--spec",
+        default="uci_har",
+        help="'uci_har' (default) or 'npz:PATH', as in experiments.train (--spec: the old name)",
+    )
     parser.add_argument(
         "--data-dir",
         help="folder that contains 'UCI HAR Dataset/' (default: $LARNN_DATA_DIR, else "
@@ -67,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dataset = load_dataset(
-            args.spec,
+            args.dataset,
             args.data_dir,
             validation_subjects=args.validation_subjects,
             validation_fraction=args.validation_fraction,
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.report_error(exc, cli.FAILED)
     except DataSettingsError as exc:  # an unknown spec, a validation split that leaves nothing
         return cli.report_error(exc, cli.USAGE)
-    if args.spec == "uci_har":
+    if args.dataset == "uci_har":
         print(f"data dir: {resolve_data_dir(args.data_dir)}")
     print(summary(dataset))
     return cli.OK
