@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import pathlib
 import re
@@ -45,13 +44,7 @@ MODELS = ("larnn", "bnlstm", "lstm")
 TRAINING_MODULES = ("flax", "optax", "orbax", "orbax.checkpoint", *PIPELINE_MODULES)
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Undoes the command line's logging set-up."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")
@@ -261,21 +254,27 @@ def test_the_export_loads_and_predicts_without_flax(
         probabilities=str(tmp_path / "p.npy"),
         streamed=str(tmp_path / "s.npy"),
     )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    run_script(sys.executable, script)
     model = exported.load(files["larnn"])
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(test_x[:6]))
     stream = model.stream(5)
     streamed = np.stack([p.probabilities for p in map(stream.push, test_x[0]) if p])
     np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), streamed)
+
+
+def run_script(python: str | os.PathLike[str], script: str, **options: object) -> None:
+    """Runs ``script`` with ``python`` in the repository's folder; it must print ``ok``."""
+    done = subprocess.run(
+        [str(python), "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        **options,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 @pytest.mark.slow
@@ -313,17 +312,7 @@ def test_a_fresh_environment_with_only_jax_and_numpy_loads_the_export(
         probabilities=str(tmp_path / "p.npy"),
         streamed=str(tmp_path / "s.npy"),
     )
-    done = subprocess.run(
-        [str(python), "-c", textwrap.dedent(script)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    run_script(python, script, env={**os.environ, "PYTHONPATH": str(ROOT)})
     model = exported.load(files["lstm"])
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(test_x[:6]))
 

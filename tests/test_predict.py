@@ -28,14 +28,7 @@ from larnn_jax.inference import TOO_LARGE_FOR_THE_MODEL
 T, C = 10, 3  # the tiny dataset's sequence length and channels
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Undoes the command line's logging set-up, whose handler writes to the stderr of the test
-    that called it."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")
