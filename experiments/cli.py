@@ -29,11 +29,20 @@ OK, FAILED, USAGE = 0, 1, 2
 INTERRUPTED = 130
 
 
-def command_parser(module: str, doc: str | None, **options: Any) -> argparse.ArgumentParser:
+def command_parser(
+    module: str, doc: str | None, *, epilog_from_doc: bool = False, **options: Any
+) -> argparse.ArgumentParser:
     """The parser of ``python -m <module>``, described by the first paragraph of ``doc`` (the
-    module's docstring); ``options`` go to ``argparse.ArgumentParser``."""
-    description = (doc or "").strip().split("\n\n")[0]
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, **options)
+    module's docstring); with ``epilog_from_doc``, ``--help`` ends with the docstring's paragraphs
+    after its second, as written. ``options`` go to ``argparse.ArgumentParser``."""
+    paragraphs = (doc or "").strip().split("\n\n")
+    if epilog_from_doc:
+        options = {
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+            "epilog": "\n\n".join(paragraphs[2:]),
+            **options,
+        }
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=paragraphs[0], **options)
 
 
 def configure_logging() -> None:

@@ -68,12 +68,7 @@ def export_run(predictor: Predictor, output: pathlib.Path) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = cli.command_parser(
-        "experiments.export",
-        __doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-    )
+    parser = cli.command_parser("experiments.export", __doc__, epilog_from_doc=True)
     add_checkpoint_arguments(parser, "export")
     parser.add_argument("--output", required=True, metavar="FILE", help="the file to write")
     parser.add_argument(

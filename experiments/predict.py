@@ -157,12 +157,7 @@ def run_stream(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = cli.command_parser(
-        "experiments.predict",
-        __doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-    )
+    parser = cli.command_parser("experiments.predict", __doc__, epilog_from_doc=True)
     # --data-dir: for runs without preprocessing.json.
     add_checkpoint_arguments(parser, "use", required=False)
     parser.add_argument(
