@@ -130,6 +130,13 @@ def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "unknown or no cells in 'larnn/batch,gru'" in capsys.readouterr().err
 
 
+def test_results_go_to_the_committed_results_folder() -> None:
+    """By default a script writes beside the committed figures, ``benchmarks/results/``."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    assert output.default_out("throughput") == str(results / "throughput.json")
+    assert (results / "throughput.json").is_file()
+
+
 def test_doubling_ratios() -> None:
     """``time(2T)/time(T)`` for measured pairs from T = 512 up only."""
     rows = [

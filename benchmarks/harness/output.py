@@ -17,7 +17,8 @@ import numpy as np
 
 from benchmarks.harness.machine import code_version, describe_machine, machine_info
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: ``benchmarks/results/``, where every script writes its JSON and figures by default.
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
