@@ -35,8 +35,8 @@ class Config(NamedTuple):
     """The static attributes of a native call (see ``csrc/layout.h``, ``Options``)."""
 
     features: int
-    heads: int
-    window: int
+    num_heads: int
+    window_size: int
     training: bool
     positional: bool
     activation: bool
@@ -110,8 +110,8 @@ def _residual_size(config: Config, inputs: Inputs, full: bool) -> int:
         batch,
         steps,
         config.features,
-        config.heads,
-        config.window,
+        config.num_heads,
+        config.window_size,
         inputs.sequence.dtype == jnp.float64,
         config.positional,
         config.activation,
@@ -142,7 +142,7 @@ def _forward(
     def shaped(*shape: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
-    kept = config.window - 1
+    kept = config.window_size - 1
     shapes = (  # the fields of Results, then the residual
         shaped(steps, batch, features),
         shaped(steps, batch, features),
@@ -183,9 +183,9 @@ def _layer_backward(
         return jax.ShapeDtypeStruct(shape, dtype)
 
     rows = (steps, batch)
-    kept = config.window - 1
+    kept = config.window_size - 1
     size = build.load().larnn_backward_scratch_size(
-        batch, steps, features, config.heads, config.window, dtype == jnp.float64
+        batch, steps, features, config.num_heads, config.window_size, dtype == jnp.float64
     )
     call = jax.ffi.ffi_call(
         "larnn_backward",
@@ -468,8 +468,8 @@ def run(
     kv_levels, attention_levels, output_levels = dropout_levels(cell)
     config = Config(
         features=features,
-        heads=cell.num_heads,
-        window=cell.window_size,
+        num_heads=cell.num_heads,
+        window_size=cell.window_size,
         training=training,
         positional=cell.use_positional_encoding,
         activation=cell.activation_on_keys_and_values,

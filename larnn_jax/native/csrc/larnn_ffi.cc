@@ -53,7 +53,7 @@ ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffe
                                bool training_needs_residuals) {
   Call call{};
   int64_t values[10];
-  const char* names[10] = {"heads", "window", "training", "positional", "activation",
+  const char* names[10] = {"num_heads", "window_size", "training", "positional", "activation",
                            "save_residuals", "kv_levels", "attention_levels", "output_levels",
                            "threads"};
   for (int i = 0; i < 10; ++i) {
@@ -76,8 +76,8 @@ ffi::ErrorOr<Call> decode_call(const ffi::Dictionary& attrs, const ffi::AnyBuffe
   call.options.output_levels = dropping ? uint32_t(values[8]) : kDropoutLevels;
   call.options.threads = int(values[9]);
   const Shape& s = call.shape;
-  if (s.heads < 1 || s.features < 1 || s.features % s.heads != 0 || s.window < 1 ||
-      s.batch < 1 || s.steps < 1 || s.inputs < 1) {
+  if (s.num_heads < 1 || s.features < 1 || s.features % s.num_heads != 0 ||
+      s.window_size < 1 || s.batch < 1 || s.steps < 1 || s.inputs < 1) {
     return ffi::Unexpected(ffi::Error::InvalidArgument("inconsistent LARNN shape attributes"));
   }
   return call;
@@ -101,7 +101,7 @@ template <typename T>
 struct Sizes {
   int64_t B, T_, H, k, S;
   Sizes(const Shape& s, const Options& o)
-      : B(s.batch), T_(s.steps), H(s.features), k(s.window), S(o.carries_moments() ? 4 : 0) {}
+      : B(s.batch), T_(s.steps), H(s.features), k(s.window_size), S(o.carries_moments() ? 4 : 0) {}
 };
 
 template <typename T>
@@ -352,9 +352,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(larnn_keep_mask, larnn::keep_mask_handler,
 
 // Sizes of the buffers whose layout is internal, for the Python side (in elements).
 extern "C" int64_t larnn_residual_size(int64_t batch, int64_t steps, int64_t features,
-                                       int64_t heads, int64_t window, int64_t double_precision,
-                                       int64_t positional, int64_t activation, int64_t full) {
-  const larnn::Shape shape{batch, steps, features, heads, window};
+                                       int64_t num_heads, int64_t window_size,
+                                       int64_t double_precision, int64_t positional,
+                                       int64_t activation, int64_t full) {
+  const larnn::Shape shape{batch, steps, features, num_heads, window_size};
   larnn::Options options{};
   options.positional = positional != 0;
   options.activation = activation != 0;
@@ -363,9 +364,9 @@ extern "C" int64_t larnn_residual_size(int64_t batch, int64_t steps, int64_t fea
 }
 
 extern "C" int64_t larnn_backward_scratch_size(int64_t batch, int64_t steps, int64_t features,
-                                               int64_t heads, int64_t window,
+                                               int64_t num_heads, int64_t window_size,
                                                int64_t double_precision) {
-  const larnn::Shape shape{batch, steps, features, heads, window};
+  const larnn::Shape shape{batch, steps, features, num_heads, window_size};
   const larnn::Options options{};
   if (double_precision) return larnn::Layout<double>(shape, options).backward_scratch_size();
   return larnn::Layout<float>(shape, options).backward_scratch_size();

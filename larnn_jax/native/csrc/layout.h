@@ -21,12 +21,12 @@ constexpr double kMomentum = 0.99;  // FeatureNorm.momentum
 constexpr uint32_t kDropoutLevels = 1u << 16;
 
 struct Shape {
-  int64_t batch;     // B
-  int64_t steps;     // T
-  int64_t features;  // H
-  int64_t heads;     // n
-  int64_t window;    // k
-  int64_t inputs;    // D, the features of the layer's input sequence
+  int64_t batch;        // B
+  int64_t steps;        // T
+  int64_t features;     // H
+  int64_t num_heads;    // n
+  int64_t window_size;  // k
+  int64_t inputs;       // D, the features of the layer's input sequence
 };
 
 struct Options {
@@ -148,9 +148,9 @@ struct Layout {
     T_ = s.steps;
     D = s.inputs;
     H = s.features;
-    n = s.heads;
+    n = s.num_heads;
     dk = H / n;
-    k = s.window;
+    k = s.window_size;
     Hn = round_up(H, kLanes<T>);
     np = round_up(n, kLanes<T>);
     Ha = dk * np;
