@@ -145,13 +145,19 @@ def _check_training_loss(loss: float, *, epoch: int, step: int) -> None:
         )
 
 
+#: Keys in the config.json of every run, since the first version of the file (a run writes all of
+#: its fields; later fields may be absent from older runs).
+_KEYS_EVERY_RUN_WRITES = frozenset({"model", "epochs", "seed"})
+
+
 def _saved_config(path: pathlib.Path) -> dict[str, Any]:
     """The configuration of the run that saved ``path`` (its ``config.json``).
 
     Raises:
         OSError: the file cannot be read.
         ValueError: it is not a run's configuration (another program's ``config.json``): not
-            JSON, not an object, or keys or values that no run has; the message says which.
+            JSON, not an object, keys or values that no run has, or without the keys every run
+            writes (``{}``); the message says which.
     """
     try:
         saved = json.loads(path.read_text())
@@ -163,6 +169,9 @@ def _saved_config(path: pathlib.Path) -> dict[str, Any]:
     unknown = sorted(set(with_current_names(saved)) - fields)
     if unknown:
         raise ValueError(f"keys that no run has: {', '.join(unknown)}")
+    missing = sorted(_KEYS_EVERY_RUN_WRITES - set(saved))
+    if missing:
+        raise ValueError(f"keys that every run writes are missing: {', '.join(missing)}")
     TrainConfig.from_saved(saved)  # ConfigError, a ValueError: a value that no run has
     return saved
 

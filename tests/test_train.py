@@ -822,6 +822,7 @@ def test_run_folders_that_are_not_this_runs_are_refused_unless_asked(
     (project / "report.json").write_text("{}\n")
     for config_text, problem in [
         ('{"lr": 0.1}\n', "keys that no run has: lr"),
+        ("{}\n", "keys that every run writes are missing: epochs, model, seed"),
         ("lr: 0.1\n", "not JSON (Expecting value: line 1 column 1 (char 0))"),
     ]:
         (project / "config.json").write_text(config_text)
