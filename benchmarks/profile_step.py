@@ -53,10 +53,10 @@ _BOOKKEEPING = re.compile(r"^(ThunkExecutor|SlinkyThreadPool)")
 
 
 def operation_kinds(trace_dir: pathlib.Path) -> tuple[dict[str, float], dict[str, int]]:
-    """Total nanoseconds and count of each operation kind in the XLA threads of a trace."""
+    """Total seconds and count of each operation kind in the XLA threads of a trace."""
     (path,) = sorted(trace_dir.glob("**/*.xplane.pb"))[-1:]
     profile = jax.profiler.ProfileData.from_file(str(path))
-    seconds: dict[str, float] = collections.Counter()
+    seconds: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:

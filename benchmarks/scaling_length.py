@@ -221,12 +221,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_partial_json(args.out, "scaling_length", vars(args), rows + group_rows)
 
     for group in TIMING_GROUPS:
-        group = [model for model in group if model in args.models]
-        if not group:
+        selected = [model for model in group if model in args.models]
+        if not selected:
             continue
         group_rows, group_stopped = measure_series(
             args.lengths,
-            group,
+            selected,
             make_bench,
             repeats=args.repeats,
             warmup=args.warmup,
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for model in ("larnn", "larnn_remat")
     }
     figure = plot(rows, stopped, crossover, args.out)
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": "scaling_length",
         "complete": True,
         "config": vars(args),

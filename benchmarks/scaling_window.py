@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if entry["larnn_cpu_s"]:
                 entry["cpu_speedup"] = entry["larnn_naive_cpu_s"] / entry["larnn_cpu_s"]
     figure = plot(rows, args.out)
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": "scaling_window",
         "complete": True,
         "config": vars(args),

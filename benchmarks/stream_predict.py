@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +45,7 @@ from benchmarks.harness.timing import interleaved_timings, summarize
 from benchmarks.harness.workloads import Workload
 from experiments.prediction import Predictor
 from experiments.preprocessing import Preprocessing
+from larnn_jax.inference import Prediction, WindowStream
 
 MODELS = ("larnn", "bnlstm", "lstm")
 
@@ -65,6 +67,11 @@ def make_predictor(workload: Workload, seed: int = 0) -> Predictor:
     return Predictor(
         model, variables, preprocessing, workload.config(), 0, pathlib.Path("<initialised>")
     )
+
+
+def push_next(stream: WindowStream, samples: Iterator[np.ndarray]) -> Prediction | None:
+    """Pushes the next of ``samples`` into ``stream``: one timed push."""
+    return stream.push(next(samples))
 
 
 def with_cpu_time(function: Callable[[], Any], seconds: list[float]) -> Callable[[], Any]:
@@ -110,11 +117,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             feed = itertools.cycle(samples)
             label = f"{block}/{stride}"
             pushes[label] = with_cpu_time(
-                lambda stream=stream, feed=feed: stream.push(next(feed)), cpu_times[label]
+                functools.partial(push_next, stream, feed), cpu_times[label]
             )
             carries[label] = stream.slots
         window = samples[None, : args.steps]
-        recomputes[block] = lambda predictor=predictor, window=window: predictor.predict(window)
+        recomputes[block] = functools.partial(predictor.predict, window)
     push_samples = interleaved_timings(pushes, repeats=args.samples, warmup=args.warmup)
     recompute_samples = interleaved_timings(recomputes, repeats=args.repeats, warmup=1)
 

@@ -23,6 +23,7 @@ the hidden size: what a stacked layer sees after the input projection).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,13 +37,13 @@ from benchmarks.harness.arguments import (
 )
 from benchmarks.harness.output import Column, print_and_write
 from benchmarks.harness.timing import interleaved_timings, summarize
-from benchmarks.harness.workloads import PAPER
+from benchmarks.harness.workloads import PAPER, reference_twin
 from experiments.config import TrainConfig
 from larnn_jax import LARNNLayer
-from larnn_jax.reference import ReferenceLARNNCell
+from larnn_jax.normalization import NormKind
 
 # (name, norm) of every measured cell; norm None: the cell has no normalisation.
-CELLS = (
+CELLS: tuple[tuple[str, NormKind | None], ...] = (
     ("larnn", "batch"),
     ("larnn", "layer"),
     ("larnn_naive", "batch"),
@@ -52,18 +53,18 @@ CELLS = (
 )
 
 
-def make_cell(name: str, norm: str | None, args: argparse.Namespace) -> nn.RNNCellBase:
+def make_cell(name: str, norm: NormKind | None, args: argparse.Namespace) -> nn.RNNCellBase:
     """The evaluation-mode cell ``name`` with normalisation ``norm`` (None: a cell without)."""
-    settings = {"norm": norm} if norm is not None else {}
     config = TrainConfig(
         model=name.partition("_")[0],
         features=args.features,
         num_heads=args.num_heads,
         window_size=args.window_size,
-        **settings,
     )
+    if norm is not None:
+        config = dataclasses.replace(config, norm=norm)
     cell = config.build_cell()
-    return ReferenceLARNNCell.twin(cell) if name == "larnn_naive" else cell
+    return reference_twin(cell) if name == "larnn_naive" else cell
 
 
 class StreamStep:

@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows = []
     for model in train:
-        training, inference = summarize(train_times[model]), summarize(infer_times[model])
+        train_summary, infer_summary = summarize(train_times[model]), summarize(infer_times[model])
         memory = info[model]["memory"]
         bench = train[model]
         usage = bench.usage_summary() if isinstance(bench, TrainingBench) else {}
@@ -162,12 +162,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows.append(
             {
                 "model": model,
-                "train_ms": training["median_s"] * 1e3,
-                "train_seq_per_s": args.batch / training["median_s"],
-                "train_vs_lstm": _ratio(training["median_s"], base_train),
-                "infer_ms": inference["median_s"] * 1e3,
-                "infer_seq_per_s": args.batch / inference["median_s"],
-                "infer_vs_lstm": _ratio(inference["median_s"], base_infer),
+                "train_ms": train_summary["median_s"] * 1e3,
+                "train_seq_per_s": args.batch / train_summary["median_s"],
+                "train_vs_lstm": _ratio(train_summary["median_s"], base_train),
+                "infer_ms": infer_summary["median_s"] * 1e3,
+                "infer_seq_per_s": args.batch / infer_summary["median_s"],
+                "infer_vs_lstm": _ratio(infer_summary["median_s"], base_infer),
                 "infer_cpu_s": infer_cpu or None,
                 "compile_s": info[model]["compile_s"],
                 "compile_vs_lstm": _ratio(info[model]["compile_s"], base_compile),
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for other in ("larnn_fused", "larnn_plain")
         if default is not None and other in by_model
     }
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": "throughput",
         "config": vars(args),
         "rows": rows,

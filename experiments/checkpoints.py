@@ -42,7 +42,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, overload
 
 import jax
 import orbax.checkpoint as ocp
@@ -262,6 +262,24 @@ class CheckpointStore:
             f"could not save the checkpoint of epoch {step} in {self.directory} ({failure}); "
             f"{kept}: resume the run (--resume) once the problem is solved"
         )
+
+    @overload
+    def restore(
+        self,
+        step: int,
+        target: None = None,
+        *,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[None, dict[str, Any]]: ...
+
+    @overload
+    def restore(
+        self,
+        step: int,
+        target: PyTree,
+        *,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[PyTree, dict[str, Any]]: ...
 
     def restore(
         self,

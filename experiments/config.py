@@ -26,9 +26,16 @@ from flax import linen as nn
 
 from experiments.augmentation import OPTIONS as AUGMENTATION_OPTIONS
 from experiments.data import Dataset, DataSettingsError, check_dataset_spec, load_dataset
-from larnn_jax.cell import CELL_NORM_PLACEMENTS, MODES, BNLSTMCell, LARNNCell
-from larnn_jax.normalization import NORM_KINDS
-from larnn_jax.scans import SCANS
+from larnn_jax.cell import (
+    CELL_NORM_PLACEMENTS,
+    MODES,
+    BNLSTMCell,
+    CellNormPlacement,
+    LARNNCell,
+    Mode,
+)
+from larnn_jax.normalization import NORM_KINDS, NormKind
+from larnn_jax.scans import SCANS, Scan
 
 #: The recurrent cells a run can train: the LARNN cell, the same cell without attention (the
 #: BN-LSTM) and Flax's plain LSTM cell.
@@ -86,7 +93,7 @@ class TrainConfig:
         "cell without attention) or lstm (plain LSTM, no normalisation or dropout)",
         choices=MODELS,
     )
-    mode: str = _option(
+    mode: Mode = _option(
         "residual",
         "how attention enters the gates (larnn): residual (separate weights for input, hidden "
         "state and attention) or layer (one dense layer over their concatenation)",
@@ -115,12 +122,12 @@ class TrainConfig:
     activation_on_keys_and_values: bool = _option(
         True, "apply BN∘elu to attention keys and values (larnn)", aliases=("--kv-activation",)
     )
-    norm: str = _option(
+    norm: NormKind = _option(
         "batch",
         "normalisation inside the cells (larnn, bnlstm)",
         choices=NORM_KINDS,
     )
-    cell_norm_placement: str = _option(
+    cell_norm_placement: CellNormPlacement = _option(
         "output",
         "where the cell state's norm BN_c sits (larnn, bnlstm): output (c_t carried "
         "unnormalised, h_t = BN_h(o * elu(BN_c(c_t))); stable) or carried (the paper's "
@@ -175,7 +182,7 @@ class TrainConfig:
         "rows per training step, the last incomplete batch of each epoch being dropped; also "
         "the evaluation batch size",
     )
-    scan: str = _option(
+    scan: Scan = _option(
         "auto",
         "how the layers scan the sequence: auto (the library's choice for the cell, logged: the "
         "native step where it is available, else the fused scan), native (the fused scan with "
@@ -430,7 +437,10 @@ def _check_keys(values: Mapping[str, Any]) -> None:
 
 
 def _field_types(annotation: Any) -> tuple[Any, ...]:
-    """The types a field annotation admits: ``str | None`` → ``(str, NoneType)``."""
+    """The types a field annotation admits: ``str | None`` → ``(str, NoneType)``, a ``Literal``
+    of strings (``Mode``; its values are the field's ``choices``) → ``(str,)``."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(dict.fromkeys(type(value) for value in typing.get_args(annotation)))
     return tuple(typing.get_args(annotation)) or (annotation,)
 
 

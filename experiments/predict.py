@@ -89,7 +89,7 @@ def classify_file(
         "input": str(path),
         "sequences": len(probabilities),
     }
-    if sequences.starts is not None:
+    if sequences.starts is not None and sequences.time_steps is not None:  # windows of text
         covered = int(sequences.starts[-1]) + predictor.window_length
         summary["windows"] = {
             "length": predictor.window_length,

@@ -140,7 +140,7 @@ def per_subject_accuracy(
 
 def machine_info() -> dict[str, Any]:
     """Platform, CPU count, JAX devices and package versions of this process."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in _VERSIONED_PACKAGES:
         try:
             versions[package] = metadata.version(package)

@@ -72,7 +72,8 @@ class Run:
     def most_diverged(self, split: str) -> int | None:
         """The largest number of ``split`` sequences that diverged in one epoch."""
         counts = [line.get(f"{split}_diverged") for line in self.history]
-        return None if None in counts else max(counts)
+        known = [count for count in counts if count is not None]
+        return max(known) if len(known) == len(counts) else None
 
 
 def load_runs(results: pathlib.Path) -> list[Run]:
@@ -182,27 +183,25 @@ def summary_table(runs: Sequence[Run]) -> str:
 def subject_table(runs: Sequence[Run]) -> str | None:
     """One line per variant whose runs all know their per-subject accuracy: its mean over the
     seeds on each test subject. ``None`` if no variant qualifies."""
-    known = {
-        variant: members
-        for variant, members in _by_variant(runs).items()
-        if all(run.per_subject for run in members)
-    }
+    known: dict[str, list[dict[str, float]]] = {}
+    for variant, members in _by_variant(runs).items():
+        accuracies = [run.per_subject for run in members if run.per_subject]
+        if len(accuracies) == len(members):
+            known[variant] = accuracies
     if not known:
         return None
     subjects = sorted(
-        {subject for members in known.values() for run in members for subject in run.per_subject},
+        {subject for seeds in known.values() for accuracy in seeds for subject in accuracy},
         key=int,
     )
     lines = [
         "| variant | seeds | " + " | ".join(f"subject {subject}" for subject in subjects) + " |",
         "|---|---:|" + "---:|" * len(subjects),
     ]
-    for variant, members in known.items():
-        means = [
-            statistics.fmean(run.per_subject[subject] for run in members) for subject in subjects
-        ]
+    for variant, seeds in known.items():
+        means = [statistics.fmean(accuracy[subject] for accuracy in seeds) for subject in subjects]
         cells = " | ".join(f"{mean:.3f}" for mean in means)
-        lines.append(f"| {variant} | {len(members)} | {cells} |")
+        lines.append(f"| {variant} | {len(seeds)} | {cells} |")
     return "\n".join(lines)
 
 

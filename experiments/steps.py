@@ -16,11 +16,13 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from experiments.augmentation import OPTIONS as AUGMENTATION_OPTIONS
 from experiments.augmentation import Augmentation
@@ -86,7 +88,7 @@ def per_example_loss(
 
 
 def init_state(
-    model: SequenceClassifier,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     sample: jax.Array,
     seed: int,
@@ -96,7 +98,8 @@ def init_state(
     """The training state before the first step.
 
     Args:
-        model: the classifier.
+        model: the classifier: :func:`build_model`'s, or any module ``model(x, deterministic=...)``
+            that maps ``(B, T, C)`` to logits ``(B, classes)`` (the benchmarks').
         tx: the optimiser.
         sample: an input batch ``(B, T, C)`` (only its shape and dtype matter).
         seed: the run's seed.
@@ -162,14 +165,15 @@ def build_augmentation(config: TrainConfig, dataset: Dataset) -> Augmentation | 
 
 
 def make_train_step(
-    model: SequenceClassifier,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     *,
     augmentation: Augmentation | None = None,
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
 ) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
-    """A jitted ``train_step(state, x_all, y_all, rows, step) -> (state, loss, accuracy)``.
+    """A jitted ``train_step(state, x_all, y_all, rows, step) -> (state, loss, accuracy)`` of
+    ``model`` (as :func:`init_state`'s).
 
     ``x_all (N, T, C)`` and ``y_all (N,)`` are the training rows (on the device), ``rows (B,)``
     the indices of this batch, ``step`` the global step number (from 0): the dropout key is
@@ -267,7 +271,7 @@ def make_evaluator(
         variables: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Loss sum, predictions ``(B,)`` and diverged-row count of the rows ``mask`` keeps."""
-        logits = model.apply(variables, x, deterministic=True)
+        logits = cast(jax.Array, model.apply(variables, x, deterministic=True))
         return (
             jnp.sum(jnp.where(mask > 0, per_example_loss(logits, y), 0.0)),
             jnp.argmax(logits, axis=-1),

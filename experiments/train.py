@@ -32,7 +32,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,13 @@ log = logging.getLogger("experiments.train")  # not __name__: that is "__main__"
 
 #: ``epoch_callback(metrics, checkpoint_dir)``: called after each epoch's checkpoint is on disk.
 EpochCallback = Callable[[dict[str, Any], pathlib.Path], None]
+
+
+class RunOptions(TypedDict):
+    """The keyword arguments of :func:`train` that the command line sets beside the config."""
+
+    resume: bool
+    overwrite: bool
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -576,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict[str, bool]]:
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, RunOptions]:
     """Parses the command line into ``(config, options)``, ``options`` being the keyword
     arguments ``resume`` and ``overwrite`` of :func:`train`.
 
@@ -585,7 +592,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, di
     """
     args = vars(build_parser().parse_args(argv))
     recipe, config_file = args.pop("recipe"), args.pop("config")
-    options = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
+    options: RunOptions = {"resume": args.pop("resume"), "overwrite": args.pop("overwrite")}
     values = load_config_file(config_file) if config_file else {}
     return TrainConfig.from_dict({**RECIPES[recipe], **values, **args}), options
 

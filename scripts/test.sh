@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up the environment, checks lint, formatting and the library's types, and runs the test
-# suite.
+# Sets up the environment, checks lint, formatting and the types (of the library, the pipeline and
+# the benchmarks), and runs the test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

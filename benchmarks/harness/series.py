@@ -24,7 +24,7 @@ def measure_series(
     memory_budget: int | None,
     time_budget_s: float | None,
     log: Callable[[str], None] = print,
-    after_point: Callable[[list[dict[str, Any]]], None] | None = None,
+    after_point: Callable[[list[dict[str, Any]]], object] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Times a training step of every model at every point, interleaving the models per point.
 
@@ -70,7 +70,7 @@ def measure_series(
                 stopped[model] = f"failed to run at {point}: {type(error).__name__}"
             continue
         for model, bench in benches.items():
-            row = {
+            row: dict[str, Any] = {
                 "point": point,
                 "model": model,
                 **summarize(samples[model]),

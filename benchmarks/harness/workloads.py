@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+from typing import TypedDict, cast
 
 import flax.linen as nn
 import jax
@@ -18,16 +19,33 @@ from benchmarks.harness.memory_use import memory_analysis
 from benchmarks.harness.timing import timed_compile
 from experiments.config import TrainConfig
 from experiments.steps import build_model, init_state, make_optimizer, make_train_step
+from larnn_jax.cell import LARNNCell
 from larnn_jax.models import SequenceClassifier
+from larnn_jax.normalization import NormKind
 from larnn_jax.reference import ReferenceLARNNCell
+from larnn_jax.scans import Scan
 from larnn_jax.typing import PyTree
 
 _PAPER_CONFIG = TrainConfig()
 
 
+class Sizes(TypedDict):
+    """The sizes of a :class:`Workload` (:data:`PAPER`'s)."""
+
+    batch: int
+    steps: int
+    inputs: int
+    classes: int
+    features: int
+    num_heads: int
+    window_size: int
+    num_layers: int
+    dropout_rate: float
+
+
 # The paper's UCI HAR configuration (docs/model.md §5): 9 inertial channels x 128 steps, 6 classes, and
 # the training's defaults (its best hyperparameters).
-PAPER = {
+PAPER: Sizes = {
     "batch": _PAPER_CONFIG.batch_size,
     "steps": 128,
     "inputs": 9,
@@ -46,7 +64,19 @@ PAPER = {
 # training scans (``scan='remat'``) and with the reference cell (``larnn_naive``).
 BLOCKS = ("larnn", "larnn_fused", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
 #: The scan of each LARNN block other than the training's default (``'auto'``).
-_SCANS = {"larnn_fused": "fused", "larnn_remat": "remat", "larnn_plain": "plain"}
+_SCANS: dict[str, Scan] = {"larnn_fused": "fused", "larnn_remat": "remat", "larnn_plain": "plain"}
+
+
+def reference_twin(cell: nn.RNNCellBase) -> ReferenceLARNNCell:
+    """The :class:`~larnn_jax.reference.ReferenceLARNNCell` with the settings of the LARNN
+    ``cell`` (the ``larnn_naive`` models).
+
+    Raises:
+        TypeError: ``cell`` is not a :class:`~larnn_jax.LARNNCell`.
+    """
+    if not isinstance(cell, LARNNCell):
+        raise TypeError(f"the reference cell twins a LARNNCell, not a {type(cell).__name__}")
+    return ReferenceLARNNCell.twin(cell)
 
 
 def default_remat_chunk_length(steps: int) -> int:
@@ -84,7 +114,7 @@ class Workload:
     window_size: int = PAPER["window_size"]
     num_layers: int = PAPER["num_layers"]
     dropout_rate: float = PAPER["dropout_rate"]
-    norm: str = _PAPER_CONFIG.norm
+    norm: NormKind = _PAPER_CONFIG.norm
     remat_chunk_length: int | None = None
 
     def __post_init__(self) -> None:
@@ -116,7 +146,7 @@ class Workload:
         """The classifier, as the training builds it (with the scan or cell ``block`` names)."""
         model = build_model(self.config(), self.classes)
         if self.block == "larnn_naive":
-            return model.clone(cell=ReferenceLARNNCell.twin(model.cell))
+            return model.clone(cell=reference_twin(model.cell))
         return model
 
     def data(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -224,7 +254,7 @@ class InferenceBench(_RecordsUsage):
         self.variables = model.init(jax.random.key(seed), x[:1], deterministic=True)
 
         def infer(variables: PyTree, x: jax.Array) -> jax.Array:
-            return model.apply(variables, x, deterministic=True)
+            return cast(jax.Array, model.apply(variables, x, deterministic=True))
 
         self.compiled, self.compile_seconds = timed_compile(infer, self.variables, x)
         self.memory = memory_analysis(self.compiled)

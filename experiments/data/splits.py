@@ -26,6 +26,10 @@ def _select(split: Split, mask: np.ndarray) -> Split:
 
 def _split_by_subject(split: Split, count: int, rng: np.random.Generator) -> tuple[Split, Split]:
     """Hold out ``count`` whole subjects, drawn by ``rng``: (rest, held out)."""
+    if split.subjects is None:
+        raise DataSettingsError(
+            f"validation_subjects={count} needs subject ids, which the training data lacks"
+        )
     subjects = np.unique(split.subjects)
     if count >= len(subjects):
         raise DataSettingsError(

@@ -134,7 +134,7 @@ def _parse_split(folder: pathlib.Path, split: str, num_classes: int, steps: int 
         The split: ``x`` ``(N, T, 9)`` in :data:`UCI_HAR_CHANNELS` order, ``y`` ``(N,)`` in
         ``0 .. num_classes - 1``, ``subjects`` ``(N,)``.
     """
-    signals = []
+    signals: list[np.ndarray] = []
     for channel in UCI_HAR_CHANNELS:
         path = folder / signal_file(channel, split)
         table = _parse_table(path, steps, np.float32)
@@ -195,24 +195,24 @@ def _read_cache(path: pathlib.Path, key: str) -> tuple[Split, Split, tuple[str, 
         with np.load(path, allow_pickle=False) as cache:
             if str(cache["key"]) != key:
                 return None
-            splits = [
-                Split(cache[f"x_{split}"], cache[f"y_{split}"], cache[f"subjects_{split}"])
+            arrays = [
+                (cache[f"x_{split}"], cache[f"y_{split}"], cache[f"subjects_{split}"])
                 for split in SPLITS
             ]
             class_names = tuple(str(name) for name in cache["class_names"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    for split in splits:
-        rows = len(split.x)
+    for x, y, subjects in arrays:
+        rows = len(x)
         if not (
-            split.x.ndim == 3
-            and split.x.shape[2] == len(UCI_HAR_CHANNELS)
-            and split.x.dtype == np.float32
-            and split.y.shape == split.subjects.shape == (rows,)
-            and split.y.dtype == split.subjects.dtype == np.int32
+            x.ndim == 3
+            and x.shape[2] == len(UCI_HAR_CHANNELS)
+            and x.dtype == np.float32
+            and y.shape == subjects.shape == (rows,)
+            and y.dtype == subjects.dtype == np.int32
         ):
             return None
-    train, test = splits
+    train, test = (Split(x, y, subjects) for x, y, subjects in arrays)
     return train, test, class_names
 
 
@@ -228,6 +228,8 @@ def _write_cache(
     """Save the parsed arrays in the first writable cache folder; warn if there is none."""
     arrays = {"key": np.array(key), "class_names": np.array(class_names)}
     for split_name, split in zip(SPLITS, (train, test), strict=True):
+        if split.subjects is None:
+            raise ValueError(f"the UCI HAR {split_name} split to cache has no subject ids")
         arrays |= {
             f"x_{split_name}": split.x,
             f"y_{split_name}": split.y,
@@ -241,7 +243,7 @@ def _write_cache(
                 errors.append(f"{folder} is read-only")
                 continue
             with atomic_write(folder / name, "wb") as file:
-                np.savez(file, **arrays)
+                np.savez(file, allow_pickle=False, **arrays)
             return
         except OSError as exc:
             errors.append(f"{folder}: {exc}")

@@ -183,7 +183,7 @@ class Sequences:
     lines: np.ndarray | None = None
     key: str = "X"
 
-    def name_value(self, index: tuple[int, int, int]) -> str:
+    def name_value(self, index: tuple[int, ...]) -> str:
         """The value ``x[index]`` (sequence, step, channel) named as the input holds it:
         ``line L: value C, V,`` in text, ``X[i, t, c] = V`` in an ``.npz``."""
         if self.lines is None or self.starts is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from experiments.preprocessing import Preprocessing, load_preprocessing
 from experiments.restore import open_checkpoint
 from experiments.steps import model_variables
 from larnn_jax import exported
-from larnn_jax.inference import WindowStream, predict_in_batches
+from larnn_jax.inference import StepFunction, WindowStream, predict_in_batches
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.typing import PyTree
 
@@ -66,7 +66,9 @@ class Predictor:
         self.checkpoint_dir = checkpoint_dir
 
         def probabilities(variables: PyTree, x: jax.Array, lengths: jax.Array | None) -> jax.Array:
-            logits = model.apply(variables, x, deterministic=True, seq_lengths=lengths)
+            logits = cast(
+                jax.Array, model.apply(variables, x, deterministic=True, seq_lengths=lengths)
+            )
             return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
         self._probabilities = jax.jit(probabilities)
@@ -182,7 +184,7 @@ class StreamPredictor(WindowStream):
         self.predictor = predictor
         model, variables = predictor.model, predictor.variables
         super().__init__(
-            functools.partial(model.apply, variables, method="step"),
+            cast(StepFunction, functools.partial(model.apply, variables, method="step")),
             lambda slots: model.initialize_carries((slots,)),
             window_length=predictor.window_length,
             stride=stride,
