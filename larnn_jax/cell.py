@@ -16,7 +16,7 @@ arguments.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ from larnn_jax.normalization import FeatureNorm, NormKind, check_norm_kind, stat
 from larnn_jax.window import WindowLayers, WindowScheme, WindowState, WindowView
 
 Mode = Literal["residual", "layer"]
-MODES: tuple[str, ...] = ("residual", "layer")
+MODES: tuple[str, ...] = get_args(Mode)
 CellNormPlacement = Literal["output", "carried"]
-CELL_NORM_PLACEMENTS: tuple[str, ...] = ("output", "carried")
+CELL_NORM_PLACEMENTS: tuple[str, ...] = get_args(CellNormPlacement)
 
 
 def check_cell_norm_placement(placement: str) -> None:

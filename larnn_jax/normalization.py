@@ -17,7 +17,7 @@ dtype, and kept in ``promote_types(float32, param_dtype)``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from flax.typing import Dtype
 from jax.typing import DTypeLike
 
 NormKind = Literal["batch", "layer", "none"]
-NORM_KINDS: tuple[str, ...] = ("batch", "layer", "none")
+NORM_KINDS: tuple[str, ...] = get_args(NormKind)
 
 MISSING_STATISTICS = (
     "norm='batch' found no 'batch_stats' collection here. Inside a scan (nn.RNN, nn.scan) the "

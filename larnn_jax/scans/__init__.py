@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 from flax import linen as nn
 from jax.typing import DTypeLike
@@ -38,7 +38,7 @@ from larnn_jax import native
 from larnn_jax.cell import LARNNCell
 
 Scan = Literal["auto", "native", "fused", "plain", "remat"]
-SCANS: tuple[str, ...] = ("auto", "native", "fused", "plain", "remat")
+SCANS: tuple[str, ...] = get_args(Scan)
 #: What :func:`choose_scan` resolves a :data:`Scan` to.
 ScanKind = Literal["native", "fused", "plain", "remat"]
 
