@@ -166,6 +166,26 @@ def write_screen_run(folder: pathlib.Path, seed: int, shift: float, **config) ->
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
 
 
+def test_a_variant_that_stacks_on_another_is_compared_with_it(tmp_path: pathlib.Path) -> None:
+    """``warp-ls`` adds label smoothing to ``warp``: its differences are to ``warp``, seed by seed;
+    ``ls`` alone, and ``jitter`` (not a part of ``warp-ls``), are compared with the reference."""
+    write_screen_run(tmp_path / "base-seed0", 0, 0.0)
+    write_screen_run(tmp_path / "warp-seed0", 0, 0.02, time_warp_sigma=0.2)
+    write_screen_run(tmp_path / "ls-seed0", 0, 0.01, label_smoothing=0.1)
+    write_screen_run(tmp_path / "jitter-seed0", 0, -0.01, jitter_sigma=0.1)
+    write_screen_run(tmp_path / "warp-ls-seed0", 0, 0.03, time_warp_sigma=0.2, label_smoothing=0.1)
+    text = results_table.screen_tables(results_table.load_runs(tmp_path), tmp_path, "base")
+    summary = text.split("validation subject")[0]
+    rows = {line.split(" | ")[0]: line for line in summary.splitlines() if line.startswith("| `")}
+    assert rows["| `warp-ls`"].startswith(
+        "| `warp-ls` | label_smoothing=0.1 time_warp_sigma=0.2 | `warp` | 0 | 0.8900 (+0.0100, 1/1 up)"
+    )
+    assert rows["| `ls`"].startswith("| `ls` | label_smoothing=0.1 | `base` | 0 | 0.8700 (+0.0100")
+    assert rows["| `jitter`"].startswith(
+        "| `jitter` | jitter_sigma=0.1 | `base` | 0 | 0.8500 (-0.0100"
+    )
+
+
 def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -176,11 +196,13 @@ def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
         )
     text = results_table.screen_tables(results_table.load_runs(tmp_path), tmp_path, "base")
     lines = text.splitlines()
-    assert lines[2].startswith("| variant | changes from the reference | seeds | best val acc, raw")
+    assert lines[2].startswith(
+        "| variant | changes from the reference | compared with | seeds | best val acc, raw"
+    )
     # best: 0.86 (+ shift); last 5 epochs: mean of 0.82 .. 0.86 = 0.84 (+ shift).
-    assert lines[4] == ("| `base` | (the reference) | 0 1 | 0.8600 | 0.8400 | 0.8700 | 0.8500 |")
+    assert lines[4] == ("| `base` | (the reference) |  | 0 1 | 0.8600 | 0.8400 | 0.8700 | 0.8500 |")
     assert lines[5] == (
-        "| `warp` | time_warp_sigma=0.2 | 0 1 | 0.8650 (+0.0050, 1/2 up) "
+        "| `warp` | time_warp_sigma=0.2 | `base` | 0 1 | 0.8650 (+0.0050, 1/2 up) "
         "| 0.8450 (+0.0050, 1/2 up) | 0.8750 (+0.0050, 1/2 up) | 0.8550 (+0.0050, 1/2 up) |"
     )
     subjects = text.split("validation subject")[-1].splitlines()
@@ -203,7 +225,9 @@ def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
     for seed in (0, 1):
         (tmp_path / f"base-seed{seed}").rename(tmp_path / f"baseline-seed{seed}")
     assert results_table.main(["--results", str(tmp_path), "--write", str(doc)]) == 0
-    assert "| `warp` | time_warp_sigma=0.2 | 0 1 | 0.8650 (+0.0050, 1/2 up)" in doc.read_text()
+    assert "| `warp` | time_warp_sigma=0.2 | `baseline` | 0 1 | 0.8650 (+0.0050, 1/2 up)" in (
+        doc.read_text()
+    )
 
 
 def test_a_run_without_validation_split_has_no_validation_figures(tmp_path: pathlib.Path) -> None:
