@@ -24,13 +24,13 @@ declare -A variants=(
   [rotation-x180]="--rotation-about-x-degrees 180"
   [rotation-any20]="--rotation-degrees 20"
   [warp02]="--time-warp-sigma 0.2"
-  # The other parts, each against the reference (none of the three above was kept).
+  # The other parts: against the reference while none was kept, then on top of label smoothing.
   [scale01]="--scaling-sigma 0.1"
   [ls01]="--label-smoothing 0.1"
-  [gamma01]="--norm-scale-init 0.1"
-  [cosine]="--schedule cosine"
+  [ls01-gamma01]="--label-smoothing 0.1 --norm-scale-init 0.1"
+  [ls01-cosine]="--label-smoothing 0.1 --schedule cosine"
 )
-order=(baseline rotation-x180 rotation-any20 warp02 scale01 ls01 gamma01 cosine)
+order=(baseline rotation-x180 rotation-any20 warp02 scale01 ls01 ls01-gamma01 ls01-cosine)
 names=("$@")
 [ "${#names[@]}" -gt 0 ] || names=("${order[@]}")
 for name in "${names[@]}"; do
