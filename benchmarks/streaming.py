@@ -37,10 +37,11 @@ from benchmarks.harness.arguments import (
 )
 from benchmarks.harness.output import Column, print_and_write
 from benchmarks.harness.timing import interleaved_timings, summarize
-from benchmarks.harness.workloads import PAPER, reference_twin
+from benchmarks.harness.workloads import PAPER
 from experiments.config import TrainConfig
 from larnn_jax import LARNNLayer
 from larnn_jax.normalization import NormKind
+from larnn_jax.reference import ReferenceLARNNCell
 
 # (name, norm) of every measured cell; norm None: the cell has no normalisation.
 CELLS: tuple[tuple[str, NormKind | None], ...] = (
@@ -64,7 +65,7 @@ def make_cell(name: str, norm: NormKind | None, args: argparse.Namespace) -> nn.
     if norm is not None:
         config = dataclasses.replace(config, norm=norm)
     cell = config.build_cell()
-    return reference_twin(cell) if name == "larnn_naive" else cell
+    return ReferenceLARNNCell.twin(cell) if name == "larnn_naive" else cell
 
 
 class StreamStep:

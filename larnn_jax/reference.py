@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax.typing import PRNGKey
 
 from larnn_jax.cell import InputTerms, LARNNCell, apply_dropout
@@ -49,8 +50,14 @@ class ReferenceLARNNCell(LARNNCell):
     """:class:`larnn_jax.LARNNCell`'s step as the definition writes it (see the module docstring)."""
 
     @classmethod
-    def twin(cls, cell: LARNNCell) -> ReferenceLARNNCell:
-        """The reference cell with every attribute of ``cell`` (unbound, unnamed)."""
+    def twin(cls, cell: nn.RNNCellBase) -> ReferenceLARNNCell:
+        """The reference cell with every attribute of the LARNN ``cell`` (unbound, unnamed).
+
+        Raises:
+            TypeError: ``cell`` is not a :class:`~larnn_jax.LARNNCell`.
+        """
+        if not isinstance(cell, LARNNCell):
+            raise TypeError(f"the reference cell twins a LARNNCell, not a {type(cell).__name__}")
         fields = {
             field.name: getattr(cell, field.name)
             for field in dataclasses.fields(cell)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from cell_cases import CellCase, randomised
 
-from larnn_jax import LARNNCell, LARNNLayer
+from larnn_jax import BNLSTMCell, LARNNCell, LARNNLayer
 from larnn_jax.reference import ReferenceCarry, ReferenceLARNNCell
 
 RTOL_FLOAT64 = 1e-9
@@ -118,6 +118,8 @@ def test_twin_and_carry() -> None:
     for field in dataclasses.fields(LARNNCell):
         if field.init and field.name not in ("parent", "name"):
             assert getattr(twin, field.name) == getattr(cell, field.name), field.name
+    with pytest.raises(TypeError, match="the reference cell twins a LARNNCell, not a BNLSTMCell"):
+        ReferenceLARNNCell.twin(BNLSTMCell(6))
     carry = twin.initialize_carry(jax.random.key(0), (3, 5))
     assert isinstance(carry, ReferenceCarry)
     assert carry.window.shape == (3, 3, 6)

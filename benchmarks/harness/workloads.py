@@ -19,7 +19,6 @@ from benchmarks.harness.memory_use import memory_analysis
 from benchmarks.harness.timing import timed_compile
 from experiments.config import TrainConfig
 from experiments.steps import build_model, init_state, make_optimizer, make_train_step
-from larnn_jax.cell import LARNNCell
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.normalization import NormKind
 from larnn_jax.reference import ReferenceLARNNCell
@@ -65,18 +64,6 @@ PAPER: Sizes = {
 BLOCKS = ("larnn", "larnn_fused", "larnn_remat", "larnn_plain", "larnn_naive", "bnlstm", "lstm")
 #: The scan of each LARNN block other than the training's default (``'auto'``).
 _SCANS: dict[str, Scan] = {"larnn_fused": "fused", "larnn_remat": "remat", "larnn_plain": "plain"}
-
-
-def reference_twin(cell: nn.RNNCellBase) -> ReferenceLARNNCell:
-    """The :class:`~larnn_jax.reference.ReferenceLARNNCell` with the settings of the LARNN
-    ``cell`` (the ``larnn_naive`` models).
-
-    Raises:
-        TypeError: ``cell`` is not a :class:`~larnn_jax.LARNNCell`.
-    """
-    if not isinstance(cell, LARNNCell):
-        raise TypeError(f"the reference cell twins a LARNNCell, not a {type(cell).__name__}")
-    return ReferenceLARNNCell.twin(cell)
 
 
 def default_remat_chunk_length(steps: int) -> int:
@@ -146,7 +133,7 @@ class Workload:
         """The classifier, as the training builds it (with the scan or cell ``block`` names)."""
         model = build_model(self.config(), self.classes)
         if self.block == "larnn_naive":
-            return model.clone(cell=reference_twin(model.cell))
+            return model.clone(cell=ReferenceLARNNCell.twin(model.cell))
         return model
 
     def data(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:
