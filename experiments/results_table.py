@@ -265,15 +265,20 @@ def _config_changes(config: dict[str, Any], reference: dict[str, Any]) -> dict[s
     }
 
 
-def _compared_with(name: str, changes: dict[str, dict[str, Any]]) -> str:
+def _compared_with(name: str, changes: dict[str, dict[str, Any]], reference: str) -> str:
     """The variant that ``name`` adds to: among the others whose changes ``name``'s include, the
-    one with the most (the reference, with none, when it stacks on no other); of two with as many,
-    the one whose name begins ``name`` (``scale01-ls01`` adds label smoothing to ``scale01``)."""
+    one with the most (``reference`` when it stacks on no other, or changes nothing); of two with
+    as many, the one whose name begins ``name`` (``scale01-ls01`` adds label smoothing to
+    ``scale01``)."""
     mine = changes[name].items()
     beneath = [
         other for other, theirs in changes.items() if other != name and theirs.items() < mine
     ]
-    return max(beneath, key=lambda other: (len(changes[other]), name.startswith(f"{other}-")))
+    return max(
+        beneath,
+        key=lambda other: (len(changes[other]), name.startswith(f"{other}-")),
+        default=reference,
+    )
 
 
 def _paired(values: dict[int, float], reference: dict[int, float]) -> str:
@@ -319,7 +324,7 @@ def screen_tables(
         header += f" best val acc, {label} | last {LAST_EPOCHS} epochs val acc, {label} |"
     lines = [header, "|---|---|---|---:|" + "---:|" * 2 * len(kinds)]
     for name, members in groups.items():
-        base_name = name if name == reference else _compared_with(name, changes)
+        base_name = name if name == reference else _compared_with(name, changes, reference)
         described = " ".join(f"{key}={value}" for key, value in changes[name].items())
         cells = [
             f"`{name}`",

@@ -184,6 +184,10 @@ def test_a_variant_that_stacks_on_another_is_compared_with_it(tmp_path: pathlib.
     assert rows["| `jitter`"].startswith(
         "| `jitter` | jitter_sigma=0.1 | `base` | 0 | 0.8500 (-0.0100"
     )
+    # A variant with the reference's settings (another name, another folder) is compared with it.
+    write_screen_run(tmp_path / "again-seed0", 0, 0.01)
+    text = results_table.screen_tables(results_table.load_runs(tmp_path), tmp_path, "base")
+    assert "| `again` | (the reference) | `base` | 0 | 0.8700 (+0.0100, 1/1 up)" in text
 
 
 def test_screen_tables_compare_each_variant_with_the_reference_seed_by_seed(
