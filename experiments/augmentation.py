@@ -13,6 +13,12 @@ under the same name; 0 turns it off, and all are off by default:
 * ``rotation_about_x_degrees``: likewise about the phone's ``x`` axis only, by an angle uniform in
   ``[-rotation_about_x_degrees, rotation_about_x_degrees]`` (180: any turn). Applied after the
   rotation above when both are on.
+* ``rotation_classes`` (label indices; empty: every class): the rotations above turn only the
+  sequences of these classes, the others keep their orientation. Lying on one's back, side or
+  front turns the phone about the body's long axis (the phone's ``x``) without changing the
+  activity, while the tilt that tells sitting from standing is an orientation about that same
+  axis: rotations about ``x`` of LAYING alone add the one kind of variety without erasing the
+  other.
 * ``scaling_sigma``: every channel of a sequence is multiplied by its own factor ``1 + σ·N(0, 1)``
   (sensor gains).
 * ``shift_steps``: the sequence is delayed or advanced by a whole number of steps drawn uniformly
@@ -135,9 +141,9 @@ def time_warp_times(key: jax.Array, batch: int, steps: int, sigma: float) -> jax
 class Augmentation:
     """The augmentation of a run: options (module docstring) and the inputs' standardisation.
 
-    Call it as ``augmentation(key, x)`` on a batch of standardised training inputs
-    ``(B, T, C)``; it returns the augmented batch, same shape and dtype. Jittable; the options
-    are static.
+    Call it as ``augmentation(key, x, y)`` on a batch of standardised training inputs
+    ``(B, T, C)`` and their labels ``(B,)`` (used by ``rotation_classes`` only); it returns the
+    augmented batch, same shape and dtype. Jittable; the options are static.
 
     Attributes:
         channel_mean: ``(C,)`` the standardisation's mean (zeros for raw inputs).
@@ -152,11 +158,17 @@ class Augmentation:
     shift_steps: int = 0
     time_warp_sigma: float = 0.0
     jitter_sigma: float = 0.0
+    rotation_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in OPTIONS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.rotation_classes and not self.rotates:
+            raise ValueError(
+                "rotation_classes restricts the rotations, but no rotation is on "
+                "(rotation_degrees, rotation_about_x_degrees)"
+            )
         if self.rotates and len(self.channel_mean) % 3:
             raise ValueError(
                 f"rotations need channels in (x, y, z) triplets; the inputs have "
@@ -173,7 +185,7 @@ class Augmentation:
         """Whether any option is on (otherwise the call returns its input)."""
         return any(getattr(self, name) > 0 for name in OPTIONS)
 
-    def __call__(self, key: jax.Array, x: jax.Array) -> jax.Array:
+    def __call__(self, key: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
         batch, steps, _ = x.shape
         keys = dict(zip(OPTIONS, jax.random.split(key, len(OPTIONS)), strict=True))
         mean = jnp.asarray(self.channel_mean, x.dtype)
@@ -191,6 +203,9 @@ class Augmentation:
                         keys["rotation_about_x_degrees"], batch, self.rotation_about_x_degrees
                     )
                     rotation = about_x @ rotation
+                if self.rotation_classes:
+                    turned = jnp.isin(y, jnp.asarray(self.rotation_classes))[:, None, None]
+                    rotation = jnp.where(turned, rotation, jnp.eye(3, dtype=rotation.dtype))
                 raw = rotate_triplets(raw, rotation.astype(x.dtype))
             if self.scaling_sigma > 0:
                 gains = 1.0 + self.scaling_sigma * jax.random.normal(

@@ -234,6 +234,12 @@ class TrainConfig:
         "augmentation: turn each training sequence about the sensors' x axis by a random angle "
         "within this many degrees (180: any turn)",
     )
+    rotation_classes: str = _option(
+        "",
+        "augmentation: the rotations turn only the training sequences of these classes "
+        "(comma-separated names, e.g. LAYING); empty: every class",
+        metavar="NAMES",
+    )
     scaling_sigma: float = _option(
         0.0, "augmentation: multiply each channel of a training sequence by 1 + sigma * N(0, 1)"
     )

@@ -145,10 +145,18 @@ def build_augmentation(config: TrainConfig, dataset: Dataset) -> Augmentation | 
     standardisation of ``dataset``'s inputs.
 
     Raises:
-        ConfigError: a rotation is asked of inputs whose channels are not (x, y, z) triplets.
+        ConfigError: a rotation is asked of inputs whose channels are not (x, y, z) triplets;
+            ``rotation_classes`` names a class the dataset does not have, or no rotation is on.
     """
     channels = dataset.train.x.shape[-1]
     options = {name: getattr(config, name) for name in AUGMENTATION_OPTIONS}
+    names = [name.strip() for name in config.rotation_classes.split(",") if name.strip()]
+    unknown = [name for name in names if name not in dataset.class_names]
+    if unknown:
+        raise ConfigError(
+            f"rotation_classes: {dataset.name} has no class {', '.join(map(repr, unknown))}; "
+            f"its classes: {', '.join(dataset.class_names)}"
+        )
     try:
         augmentation = Augmentation(
             channel_mean=np.zeros(channels, np.float32)
@@ -157,6 +165,7 @@ def build_augmentation(config: TrainConfig, dataset: Dataset) -> Augmentation | 
             channel_std=np.ones(channels, np.float32)
             if dataset.channel_std is None
             else dataset.channel_std,
+            rotation_classes=tuple(dataset.class_names.index(name) for name in names),
             **options,
         )
     except ValueError as err:
@@ -207,13 +216,13 @@ def make_train_step(
     ) -> tuple[dict[str, PyTree], jax.Array, jax.Array]:
         run_key = jax.random.wrap_key_data(state["rng"])
         key = jax.random.fold_in(run_key, step)
-        x = x_all[rows]
+        x, y = x_all[rows], y_all[rows]
         if augmentation is not None:
             augmentation_key = jax.random.fold_in(run_key, AUGMENTATION_STREAM)
-            x = augmentation(jax.random.fold_in(augmentation_key, step), x)
+            x = augmentation(jax.random.fold_in(augmentation_key, step), x, y)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (batch_stats, accuracy)), grads = grad_fn(
-            state["params"], state["batch_stats"], x, y_all[rows], key
+            state["params"], state["batch_stats"], x, y, key
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -314,21 +323,24 @@ STATISTICS_STREAM = 0x7374_6174
 def make_statistics_estimator(
     model: SequenceClassifier, augmentation: Augmentation | None = None
 ) -> Callable[..., dict[str, PyTree]]:
-    """``estimate(state, x_all, rows, epoch) -> state`` with the averaged weights' norm
+    """``estimate(state, x_all, y_all, rows, epoch) -> state`` with the averaged weights' norm
     statistics re-estimated (``state["average"]["batch_stats"]``).
 
     The averaged weights run forward in training mode (dropout and ``augmentation`` as in
     training, keys from ``fold_in(state["rng"], STATISTICS_STREAM)``, the epoch and the batch)
-    over the batches ``rows`` ``(K, B)`` of the training rows ``x_all`` ``(N, T, C)``, starting
+    over the batches ``rows`` ``(K, B)`` of the training rows ``x_all`` ``(N, T, C)`` (labels
+    ``y_all`` ``(N,)``, which the augmentation may use), starting
     from the raw weights' statistics; the running averages are updated at every time step, as in
     training. Weights averaged over many steps are not any one step's weights: the statistics the
     raw weights gathered do not fit them exactly.
     """
 
     @jax.jit
-    def forward(params: PyTree, batch_stats: PyTree, x: jax.Array, key: jax.Array) -> PyTree:
+    def forward(
+        params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, key: jax.Array
+    ) -> PyTree:
         if augmentation is not None:
-            x = augmentation(jax.random.fold_in(key, 1), x)
+            x = augmentation(jax.random.fold_in(key, 1), x, y)
         _, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             x,
@@ -339,7 +351,11 @@ def make_statistics_estimator(
         return updates["batch_stats"]
 
     def estimate(
-        state: dict[str, PyTree], x_all: jax.Array, rows: np.ndarray, epoch: int
+        state: dict[str, PyTree],
+        x_all: jax.Array,
+        y_all: jax.Array,
+        rows: np.ndarray,
+        epoch: int,
     ) -> dict[str, PyTree]:
         if not state["batch_stats"]:
             return state
@@ -347,7 +363,9 @@ def make_statistics_estimator(
         batch_stats = state["batch_stats"]
         for index, batch in enumerate(rows):
             key = jax.random.fold_in(jax.random.fold_in(stream, epoch), index)
-            batch_stats = forward(state["average"]["params"], batch_stats, x_all[batch], key)
+            batch_stats = forward(
+                state["average"]["params"], batch_stats, x_all[batch], y_all[batch], key
+            )
         return {**state, "average": {**state["average"], "batch_stats": batch_stats}}
 
     return estimate

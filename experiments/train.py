@@ -499,9 +499,7 @@ def _train_in(
         raw = None
         if averaged:
             batches = _epoch_batches(config, epoch, len(dataset.train.y), steps_per_epoch)
-            state = estimate_statistics(
-                state, training_rows[0], batches[:STATISTICS_BATCHES], epoch
-            )
+            state = estimate_statistics(state, *training_rows, batches[:STATISTICS_BATCHES], epoch)
             raw = evaluate_splits(model_variables(state, raw=True))
         val, test = evaluate_splits(model_variables(state))
         learning_rate = float(schedule((epoch - 1) * steps_per_epoch))

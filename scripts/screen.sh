@@ -29,8 +29,10 @@ declare -A variants=(
   [ls01]="--label-smoothing 0.1"
   [ls01-gamma01]="--label-smoothing 0.1 --norm-scale-init 0.1"
   [ls01-cosine]="--label-smoothing 0.1 --schedule cosine"
+  # Full turns about x for LAYING alone: lying on any side, without the tilt of the postures.
+  [ls01-laying-x180]="--label-smoothing 0.1 --rotation-about-x-degrees 180 --rotation-classes LAYING"
 )
-order=(baseline rotation-x180 rotation-any20 warp02 scale01 ls01 ls01-gamma01 ls01-cosine)
+order=(baseline rotation-x180 rotation-any20 warp02 scale01 ls01 ls01-gamma01 ls01-cosine ls01-laying-x180)
 names=("$@")
 [ "${#names[@]}" -gt 0 ] || names=("${order[@]}")
 for name in "${names[@]}"; do

@@ -17,6 +17,8 @@ from experiments.config import ConfigError, TrainConfig
 from experiments.data import Dataset, Split
 
 BATCH, STEPS, CHANNELS = 64, 40, 9
+#: Labels of the batch (6 classes); only ``rotation_classes`` reads them.
+LABELS = jnp.arange(BATCH) % 6
 
 
 def physical_inputs(seed: int = 0) -> np.ndarray:
@@ -74,7 +76,9 @@ def test_one_rotation_turns_the_three_triplets_of_the_raw_vectors() -> None:
     raw = physical_inputs()
     x, mean, std = standardised(raw)
     augmentation = Augmentation(mean, std, rotation_degrees=40.0, rotation_about_x_degrees=180.0)
-    out = np.asarray(augmentation(jax.random.key(7), jnp.asarray(x)), np.float64) * std + mean
+    out = (
+        np.asarray(augmentation(jax.random.key(7), jnp.asarray(x), LABELS), np.float64) * std + mean
+    )
     triplets_in = raw.reshape(BATCH, STEPS, 3, 3).astype(np.float64)
     triplets_out = out.reshape(BATCH, STEPS, 3, 3)
     # Each sequence: one matrix R with out = R · in for every triplet and every step.
@@ -97,6 +101,28 @@ def test_one_rotation_turns_the_three_triplets_of_the_raw_vectors() -> None:
     )
 
 
+def test_rotation_classes_turn_only_the_sequences_of_those_classes() -> None:
+    raw = physical_inputs()
+    x, mean, std = standardised(raw)
+    only_5 = Augmentation(mean, std, rotation_about_x_degrees=180.0, rotation_classes=(5,))
+    every = dataclasses.replace(only_5, rotation_classes=())
+    out = np.asarray(only_5(jax.random.key(3), jnp.asarray(x), LABELS))
+    turned = np.asarray(LABELS) == 5
+    assert turned.sum() == 10
+    # Class 5: the rotation every class would get (the same draw); the others: unchanged.
+    np.testing.assert_allclose(
+        out[turned], np.asarray(every(jax.random.key(3), jnp.asarray(x), LABELS))[turned], atol=1e-6
+    )
+    np.testing.assert_allclose(out[~turned], x[~turned], atol=1e-5)
+    # About x: the x components stay, the (y, z) plane turns (gravity's y-z direction changes).
+    triplets_in = raw.reshape(BATCH, STEPS, 3, 3)
+    triplets_out = (out * std + mean).reshape(BATCH, STEPS, 3, 3)
+    np.testing.assert_allclose(triplets_out[..., 0], triplets_in[..., 0], atol=2e-5)
+    assert np.abs(triplets_out[turned][..., 1:] - triplets_in[turned][..., 1:]).mean() > 0.1
+    with pytest.raises(ValueError, match="no rotation is on"):
+        Augmentation(mean, std, scaling_sigma=0.1, rotation_classes=(5,))
+
+
 def test_augmentation_is_reproducible_from_its_key_and_options_draw_independently() -> None:
     x, mean, std = standardised(physical_inputs())
     everything = Augmentation(
@@ -111,7 +137,7 @@ def test_augmentation_is_reproducible_from_its_key_and_options_draw_independentl
     )
 
     def apply(augmentation: Augmentation, seed: int) -> np.ndarray:
-        return np.asarray(jax.jit(augmentation)(jax.random.key(seed), jnp.asarray(x)))
+        return np.asarray(jax.jit(augmentation)(jax.random.key(seed), jnp.asarray(x), LABELS))
 
     first = apply(everything, 1)
     np.testing.assert_array_equal(apply(everything, 1), first)
@@ -126,7 +152,9 @@ def test_augmentation_is_reproducible_from_its_key_and_options_draw_independentl
 def test_scaling_multiplies_each_raw_channel_by_its_own_gain() -> None:
     raw = physical_inputs()
     x, mean, std = standardised(raw)
-    out = np.asarray(Augmentation(mean, std, scaling_sigma=0.2)(jax.random.key(0), jnp.asarray(x)))
+    out = np.asarray(
+        Augmentation(mean, std, scaling_sigma=0.2)(jax.random.key(0), jnp.asarray(x), LABELS)
+    )
     gains = (out * std + mean) / raw
     np.testing.assert_allclose(gains, np.broadcast_to(gains[:, :1], gains.shape), rtol=1e-3)
     assert gains[:, 0].std() == pytest.approx(0.2, rel=0.15)
@@ -155,7 +183,9 @@ def test_resampling_interpolates_linearly_and_shifts_repeat_the_edges() -> None:
         aug.resample(ramp, times)[..., 0], np.clip(np.asarray(times), 0, STEPS - 1), atol=1e-5
     )
     x, mean, std = standardised(physical_inputs())
-    out = np.asarray(Augmentation(mean, std, shift_steps=4)(jax.random.key(5), jnp.asarray(x)))
+    out = np.asarray(
+        Augmentation(mean, std, shift_steps=4)(jax.random.key(5), jnp.asarray(x), LABELS)
+    )
     for row in range(BATCH):
         shift = next(
             d
@@ -184,6 +214,19 @@ def test_rotations_need_channel_triplets_and_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="four_channels: rotations need"):
         steps.build_augmentation(TrainConfig(rotation_about_x_degrees=180.0), dataset)
     assert steps.build_augmentation(TrainConfig(), dataset) is None
+    triplets = dataclasses.replace(
+        dataset,
+        train=Split(np.zeros((4, 5, 3), np.float32), np.array([0, 1, 1, 0], np.int32), None),
+        num_classes=2,
+        class_names=("SITTING", "LAYING"),
+    )
+    config = TrainConfig(rotation_about_x_degrees=180.0, rotation_classes=" LAYING")
+    augmentation = steps.build_augmentation(config, triplets)
+    assert augmentation is not None and augmentation.rotation_classes == (1,)
+    with pytest.raises(ConfigError, match="has no class 'LYING'; its classes: SITTING, LAYING"):
+        steps.build_augmentation(dataclasses.replace(config, rotation_classes="LYING"), triplets)
+    with pytest.raises(ConfigError, match="no rotation is on"):
+        steps.build_augmentation(TrainConfig(rotation_classes="LAYING"), triplets)
 
 
 # ------------------------------------------------------------------------------------------------

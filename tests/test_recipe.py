@@ -97,13 +97,13 @@ def test_the_average_follows_the_updated_weights_and_gets_its_own_statistics() -
     assert_states_equal(state["average"]["batch_stats"], before["average"]["batch_stats"])
     estimate = steps.make_statistics_estimator(model)
     raw_stats = jax.tree.map(np.asarray, state["batch_stats"])
-    estimated = estimate(state, x, np.arange(16).reshape(2, 8), epoch=1)
+    estimated = estimate(state, x, y, np.arange(16).reshape(2, 8), epoch=1)
     assert_states_equal(estimated["batch_stats"], raw_stats)
     differs = jax.tree.map(
         lambda a, b: not np.allclose(a, b), estimated["average"]["batch_stats"], raw_stats
     )
     assert all(jax.tree.leaves(differs))
-    assert_states_equal(estimate(state, x, np.arange(16).reshape(2, 8), epoch=1), estimated)
+    assert_states_equal(estimate(state, x, y, np.arange(16).reshape(2, 8), epoch=1), estimated)
     assert steps.model_variables(estimated)["params"] is estimated["average"]["params"]
     assert steps.model_variables(estimated, raw=True)["params"] is estimated["params"]
 
