@@ -579,6 +579,8 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
 
     def shown(value: Any) -> Any:
+        if value == "":
+            return "empty"
         return "on" if value is True else "off" if value is False else value
 
     for field in dataclasses.fields(TrainConfig):
