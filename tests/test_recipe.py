@@ -188,8 +188,10 @@ def test_the_command_line_trains_the_recommended_recipe_and_the_papers_on_reques
     config, _ = train_module.config_from_args([])
     assert config == TrainConfig(**RECIPES["recommended"])
     assert config.epochs == 25 and (config.decay_every, config.decay_factor) == (5, 0.5)
+    assert (config.ema_decay, config.label_smoothing) == (0.98, 0.1)
     config, _ = train_module.config_from_args(["--recipe", "paper"])
     assert config == TrainConfig()
+    assert (config.ema_decay, config.label_smoothing) == (0.0, 0.0)
     assert (config.epochs, config.decay_every, config.decay_factor) == (100, 26, 0.75)
     # Flags > config file > recipe > defaults.
     path = tmp_path / "config.json"
