@@ -170,8 +170,7 @@ class Sequences:
         lengths: valid steps of each sequence ``(N,)``, or None (all ``T``).
         labels: true classes ``(N,)``, or None.
         starts: for windows cut from text, the first time step of each ``(N,)``; else None.
-        time_steps: for text, the number of time steps read; else None.
-        lines: for text, the line of each time step ``(time_steps,)``; else None.
+        lines: for text, the line of each time step read ``(S,)``; else None.
         key: for an ``.npz``, the name of the array ``x`` comes from.
     """
 
@@ -179,9 +178,13 @@ class Sequences:
     lengths: np.ndarray | None = None
     labels: np.ndarray | None = None
     starts: np.ndarray | None = None
-    time_steps: int | None = None
     lines: np.ndarray | None = None
     key: str = "X"
+
+    @property
+    def time_steps(self) -> int | None:
+        """For text, the number of time steps read (``S``); else None."""
+        return None if self.lines is None else len(self.lines)
 
     def name_value(self, index: tuple[int, ...]) -> str:
         """The value ``x[index]`` (sequence, step, channel) named as the input holds it:
@@ -275,4 +278,4 @@ def read_input(path: pathlib.Path, preprocessing: Preprocessing, stride: int) ->
             f"{length}"
         )
     windows, starts = sliding_windows(values, length, stride)
-    return Sequences(windows, starts=starts, time_steps=len(values), lines=lines)
+    return Sequences(windows, starts=starts, lines=lines)
