@@ -176,7 +176,8 @@ def build(
         test_predictions: predicted test classes ``(N_test,)`` of the selected epoch's model.
         parameter_count: number of trained parameters.
         wall_seconds: wall time of the training call that finishes the run (only the last
-            session's, if it was resumed; ``training_seconds`` adds up every epoch).
+            session's, if it was resumed; ``training_seconds`` adds up every epoch). A finished
+            run resumed again keeps its report.
 
     Returns:
         A JSON-serialisable dict; see the keys below. ``test_diverged`` is the number of test

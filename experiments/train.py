@@ -469,6 +469,11 @@ def _train_in(
     sample = jnp.asarray(dataset.train.x[:1])
     state = init_state(model, tx, sample, config.seed, average=averaged)
     state, progress = _restore_progress(out, config, store, state)
+    finished = out / report.REPORT_FILE
+    if len(progress.history) >= config.epochs and finished.is_file():
+        # A finished run resumed again: its report stands (rebuilt, it would give this call's
+        # few seconds as the run's wall time).
+        return json.loads(finished.read_text())
     _write_json(out / "config.json", config.to_dict())
     _write_json(out / PREPROCESSING_FILE, Preprocessing.from_dataset(dataset).to_dict())
     metrics_path = out / "metrics.jsonl"

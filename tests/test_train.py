@@ -404,6 +404,19 @@ def test_runs_saved_before_the_scan_was_a_field_keep_their_scan(
     assert read_lines(out / "metrics.jsonl")[3]["epoch"] == 4
 
 
+def test_resuming_a_finished_run_leaves_its_files_as_they_are(
+    finished_run: dict, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run["out"], out)
+    files = ("config.json", "metrics.jsonl", "report.json")
+    before = {name: (out / name).read_bytes() for name in files}
+    saved = json.loads(before["config.json"])
+    result = train_module.train(TrainConfig.from_dict({**saved, "out": str(out)}), resume=True)
+    assert {name: (out / name).read_bytes() for name in files} == before
+    assert result == json.loads(before["report.json"])
+
+
 def test_resume_may_change_run_fields_and_paths_are_stored_absolute(
     finished_run: dict, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
