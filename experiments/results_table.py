@@ -15,7 +15,9 @@ accuracy and weighted F1,
 and the mean of the optimistic figure (the paper's protocol: the best test accuracy over all
 epochs). The subject table gives, per variant, the honest test accuracy on each test subject:
 from ``report.json`` where the run recorded it, else from the ``evaluation-epoch<N>.json`` that
-``python -m experiments.evaluate`` wrote for the selected epoch ``N`` into the run folder.
+``python -m experiments.evaluate`` wrote for the selected epoch ``N`` into the run folder. Each
+file in ``--results``'s ``ensembles/`` folder (written by ``python -m experiments.ensemble``, whose
+members must be run folders under ``--results``) is a line of the ensemble table.
 
 In a Markdown file the generated text sits between a section's markers (:data:`SECTIONS`): all
 three tables between ``<!-- results:start -->`` and ``<!-- results:end -->`` (docs/results.md),
@@ -216,14 +218,74 @@ def subject_table(runs: Sequence[Run]) -> str | None:
     return "\n".join(lines)
 
 
+#: The folder under ``--results`` of the ensembles' files (``python -m experiments.ensemble``).
+ENSEMBLES_DIR = "ensembles"
+
+
+def ensemble_table(runs: Sequence[Run], results: pathlib.Path) -> str | None:
+    """One line per ensemble file in ``results/ensembles/``: its members' variant, their honest
+    test accuracy (mean ± sd) and the ensemble's test accuracy and weighted F1. ``None`` if
+    there is no ensemble file.
+
+    Raises:
+        SystemExit: an unreadable file, or a member that is not a run of ``runs`` at its honest
+            epoch with its honest test accuracy (the ensemble must be of the committed runs).
+    """
+    paths = sorted((results / ENSEMBLES_DIR).glob("*.json"))
+    if not paths:
+        return None
+    by_name = {run.name: run for run in runs}
+    lines = [
+        "| ensemble | variant | runs | epoch of the members' figure | members' honest test acc "
+        "| ensemble's test acc | ensemble's weighted F1 |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for path in paths:
+        try:
+            ensemble = json.loads(path.read_text())
+            members = [(member, by_name.get(member["run"])) for member in ensemble["members"]]
+            test = ensemble["test"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"error: unreadable ensemble file {path}: {err!r}") from err
+        for member, run in members:
+            if (
+                run is None
+                or member["epoch"] != run.report["selection"]["epoch"]
+                or abs(member["test_accuracy"] - run.report["test"]["accuracy"]) > 1e-9
+            ):
+                raise SystemExit(
+                    f"error: {path}: member {member['run']} (epoch {member['epoch']}, test "
+                    f"accuracy {member['test_accuracy']}) is not a run under {results} at its "
+                    "honest epoch"
+                )
+        member_runs = [run for _, run in members if run is not None]
+        variants = " / ".join(sorted({run.variant for run in member_runs}))
+        figures = " / ".join(sorted({run.test_figure for run in member_runs}))
+        accuracies = [run.report["test"]["accuracy"] for run in member_runs]
+        lines.append(
+            f"| `{path.stem}` | {variants} | {len(member_runs)} | {figures} "
+            f"| {_mean_std(accuracies)} | **{test['accuracy']:.4f}** "
+            f"| {test['weighted_f1']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def tables(runs: Sequence[Run], results: pathlib.Path) -> str:
-    """The summary, the per-subject and the per-run table (the ``results`` section)."""
+    """The summary, the per-subject, the ensemble and the per-run table (the ``results``
+    section)."""
     text = summary(runs, results)
     subjects = subject_table(runs)
     if subjects is not None:
         text += (
             "\n\nHonest test accuracy on each test subject (at each run's selected epoch; mean "
             f"over the seeds):\n\n{subjects}"
+        )
+    ensembles = ensemble_table(runs, results)
+    if ensembles is not None:
+        text += (
+            "\n\nEnsembles of a variant's seeds (`python -m experiments.ensemble`: the class of "
+            "highest mean probability over the runs, each at its honest epoch; reported beside "
+            f"the variants, never as a headline):\n\n{ensembles}"
         )
     return f"{text}\n\nEvery run:\n\n{runs_table(runs)}"
 

@@ -258,12 +258,15 @@ class SplitResult:
         accuracy: fraction of rows predicted correctly.
         predictions: the predicted class of every row ``(N,)``.
         diverged: number of rows whose logits diverged (see :func:`diverged_rows`).
+        probabilities: the class probabilities of every row ``(N, K)`` float32, the softmax of
+            its logits (NaN in a row whose logits are not finite).
     """
 
     loss: float | None
     accuracy: float
     predictions: np.ndarray
     diverged: int
+    probabilities: np.ndarray
 
 
 def make_evaluator(
@@ -278,13 +281,15 @@ def make_evaluator(
     @jax.jit
     def eval_batch(
         variables: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Loss sum, predictions ``(B,)`` and diverged-row count of the rows ``mask`` keeps."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Loss sum, predictions ``(B,)``, diverged-row count of the rows ``mask`` keeps and
+        probabilities ``(B, K)``."""
         logits = cast(jax.Array, model.apply(variables, x, deterministic=True))
         return (
             jnp.sum(jnp.where(mask > 0, per_example_loss(logits, y), 0.0)),
             jnp.argmax(logits, axis=-1),
             jnp.sum(diverged_rows(logits) & (mask > 0)),
+            jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
         )
 
     def evaluate(variables: PyTree, split: Split) -> SplitResult:
@@ -295,19 +300,26 @@ def make_evaluator(
         y = np.zeros(padded, np.int32)
         y[:rows] = split.y
         mask = (np.arange(padded) < rows).astype(np.float32)
-        loss_sum, predictions, diverged = 0.0, [], 0
+        loss_sum, predictions, diverged, probabilities = 0.0, [], 0, []
         for start in range(0, padded, batch_size):
             batch = slice(start, start + batch_size)
-            batch_loss, batch_predictions, batch_diverged = eval_batch(
+            batch_loss, batch_predictions, batch_diverged, batch_probabilities = eval_batch(
                 variables, x[batch], y[batch], mask[batch]
             )
             loss_sum += float(batch_loss)
             predictions.append(np.asarray(batch_predictions))
             diverged += int(batch_diverged)
+            probabilities.append(np.asarray(batch_probabilities))
         predicted = np.concatenate(predictions)[:rows]
         accuracy = float(np.mean(predicted == split.y))
         loss = loss_sum / rows
-        return SplitResult(loss if math.isfinite(loss) else None, accuracy, predicted, diverged)
+        return SplitResult(
+            loss if math.isfinite(loss) else None,
+            accuracy,
+            predicted,
+            diverged,
+            np.concatenate(probabilities)[:rows],
+        )
 
     return evaluate
 

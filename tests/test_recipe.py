@@ -162,12 +162,13 @@ def test_metrics_give_the_validation_accuracy_of_each_subject() -> None:
         np.zeros((5, 2, 1), np.float32), np.array([0, 1, 1, 0, 1]), np.array([7, 7, 3, 3, 3])
     )
     predictions = np.array([0, 0, 1, 1, 1])
-    val = steps.SplitResult(0.5, 0.6, predictions, 0)
-    test = steps.SplitResult(0.5, 0.6, predictions, 0)
+    val = steps.SplitResult(0.5, 0.6, predictions, 0, np.eye(2)[predictions])
+    test = steps.SplitResult(0.5, 0.6, predictions, 0, np.eye(2)[predictions])
     line = train_module._epoch_metrics(1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=val_split)
     assert line["val_subject_accuracy"] == {"3": pytest.approx(2 / 3), "7": 0.5}
     assert "raw_val_accuracy" not in line
-    raw = steps.SplitResult(0.5, 0.2, np.array([1, 0, 0, 0, 0]), 0)
+    raw_predictions = np.array([1, 0, 0, 0, 0])
+    raw = steps.SplitResult(0.5, 0.2, raw_predictions, 0, np.eye(2)[raw_predictions])
     line = train_module._epoch_metrics(
         1, (1.0, 0.5), val, test, 0.1, 2.0, val_split=val_split, raw=(raw, test)
     )

@@ -313,6 +313,11 @@ def test_diverged_rows_are_counted(caplog: pytest.LogCaptureFixture) -> None:
     assert result.diverged == 6
     assert result.loss is None  # non-finite: rows with inf and NaN logits
     assert result.predictions.shape == (8,)
+    assert result.probabilities.shape == (8, logits.shape[1])
+    finite = np.all(np.isfinite(logits), axis=1)
+    np.testing.assert_allclose(
+        result.probabilities[finite], jax.nn.softmax(logits[finite], axis=-1), rtol=1e-6
+    )
 
     with caplog.at_level(logging.WARNING, logger="experiments"):
         report.warn_if_diverged(0, 8, 5)
