@@ -45,6 +45,16 @@ def command_parser(
     return argparse.ArgumentParser(prog=f"python -m {module}", description=paragraphs[0], **options)
 
 
+def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--output FILE`` (required; ``what`` the file holds) and ``--overwrite``, for a command
+    that replaces an existing output file only when asked
+    (:func:`experiments.files.check_output_file`)."""
+    parser.add_argument("--output", required=True, metavar="FILE", help=what)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists already"
+    )
+
+
 def configure_logging() -> None:
     """Command-line logging: warnings from everything, progress notes from ``experiments``."""
     # force: importing Orbax already attached a bare handler to the root logger.

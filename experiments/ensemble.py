@@ -116,10 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder that holds 'UCI HAR Dataset/' (default: the runs', else $LARNN_DATA_DIR)",
     )
-    parser.add_argument("--output", required=True, metavar="FILE", help="the JSON file to write")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace --output if it exists already"
-    )
+    cli.add_output_arguments(parser, "the JSON file to write")
     return parser
 
 
@@ -128,9 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_logging()
     args = build_parser().parse_args(argv)
     try:
-        output = check_output_file(args.output)
-        if output.exists() and not args.overwrite:
-            raise OutputPathError(f"{output} exists already; choose another file, or --overwrite")
+        output = check_output_file(args.output, overwrite=args.overwrite)
     except OutputPathError as err:
         return cli.report_error(f"--output {err}", cli.USAGE)
     try:

@@ -70,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = cli.command_parser("experiments.export", __doc__, epilog_from_doc=True)
     add_checkpoint_arguments(parser, "export")
-    parser.add_argument("--output", required=True, metavar="FILE", help="the file to write")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace --output if it exists already"
-    )
+    cli.add_output_arguments(parser, "the file to write")
     return parser
 
 
@@ -83,9 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        output = check_output_file(args.output)
-        if output.exists() and not args.overwrite:
-            raise OutputPathError(f"{output} exists already; choose another file, or --overwrite")
+        output = check_output_file(args.output, overwrite=args.overwrite)
     except OutputPathError as err:
         return cli.report_error(f"--output {err}", cli.USAGE)
     try:

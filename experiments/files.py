@@ -77,11 +77,15 @@ class OutputPathError(ValueError):
 
 
 def check_output_file(
-    path: os.PathLike[str] | str, *, inputs: Iterable[os.PathLike[str] | str] = ()
+    path: os.PathLike[str] | str,
+    *,
+    inputs: Iterable[os.PathLike[str] | str] = (),
+    overwrite: bool = True,
 ) -> pathlib.Path:
     """``path`` as a :class:`pathlib.Path`, once checked that a file can be written there
-    without destroying anything: it is not a folder, its folder exists, and it is none of
-    ``inputs`` (the command's input files), not even under another name (a link).
+    without destroying anything: it is not a folder, its folder exists, it is none of
+    ``inputs`` (the command's input files), not even under another name (a link), and, unless
+    ``overwrite`` (a command's ``--overwrite``), it does not exist.
 
     Raises:
         OutputPathError: the problem, naming ``path``.
@@ -97,4 +101,6 @@ def check_output_file(
                 f"{path} is the input file {source}: writing there would destroy it; choose "
                 "another output file"
             )
+    if not overwrite and path.exists():
+        raise OutputPathError(f"{path} exists already; choose another file, or --overwrite")
     return path
