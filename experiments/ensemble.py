@@ -3,10 +3,10 @@
     python -m experiments.ensemble --output larnn-seeds.json runs/larnn-seed0 runs/larnn-seed1 runs/larnn-seed2
 
 Each run is restored at its own honest epoch (the epoch selected on validation; the final epoch
-for a run trained without validation subjects) and classifies the test set through its own preprocessing; the ensemble's prediction for a
-sequence is the class of highest mean probability over the runs. Writes, as JSON, the members
-(run folder name, epoch, test accuracy, diverged test sequences) and the ensemble's test figures
-(:func:`experiments.report.classification_figures`).
+for a run trained without validation subjects) and classifies the test set through its own
+preprocessing; the ensemble's prediction for a sequence is the class of highest mean probability
+over the runs. Writes, as JSON, the members (run folder name, epoch, test accuracy, diverged test
+sequences) and the ensemble's test figures (:func:`experiments.report.classification_figures`).
 
 The runs must share the test set (the same dataset, classes and labels); a run with a diverged
 test sequence (non-finite logits) cannot be averaged. An existing --output is replaced only with
