@@ -34,7 +34,6 @@ from experiments.config import ConfigError
 from experiments.data import DataError, Dataset
 from experiments.files import OutputPathError, check_output_file, write_text_atomically
 from experiments.restore import restore_run
-from experiments.steps import make_evaluator, model_variables
 
 
 class EnsembleError(ValueError):
@@ -90,9 +89,7 @@ def _evaluate_member(
 ) -> tuple[Dataset, dict[str, Any], np.ndarray]:
     """One run's dataset, its member entry and its test probabilities ``(N, K)``."""
     run = restore_run(path, data_dir=data_dir)
-    result = make_evaluator(run.model, run.config.batch_size)(
-        model_variables(run.state), run.dataset.test
-    )
+    result = run.evaluate_test()
     if result.diverged:
         raise EnsembleError(
             f"{path}: {result.diverged} test sequences diverged at epoch {run.epoch}; their "

@@ -31,7 +31,6 @@ from experiments.config import ConfigError
 from experiments.data import DataError
 from experiments.files import write_text_atomically
 from experiments.restore import add_checkpoint_arguments, restore_run
-from experiments.steps import make_evaluator, model_variables
 
 
 def evaluate_checkpoint(
@@ -47,8 +46,7 @@ def evaluate_checkpoint(
         ``test`` the :func:`~experiments.report.classification_figures` of the test set.
     """
     run = restore_run(checkpoint, step=step, data_dir=data_dir)
-    evaluate = make_evaluator(run.model, run.config.batch_size)
-    result = evaluate(model_variables(run.state), run.dataset.test)
+    result = run.evaluate_test()
     report.warn_if_diverged(result.diverged, len(run.dataset.test.y), run.epoch)
     return {
         "checkpoint": str(run.checkpoint_dir),

@@ -30,7 +30,14 @@ from experiments.checkpoints import (
 )
 from experiments.config import TrainConfig, load_config_dataset
 from experiments.data import Dataset
-from experiments.steps import build_model, init_state, make_optimizer
+from experiments.steps import (
+    SplitResult,
+    build_model,
+    init_state,
+    make_evaluator,
+    make_optimizer,
+    model_variables,
+)
 from larnn_jax.models import SequenceClassifier
 from larnn_jax.typing import PyTree
 
@@ -56,6 +63,12 @@ class RestoredRun:
     state: dict[str, PyTree]
     epoch: int
     checkpoint_dir: pathlib.Path
+
+    def evaluate_test(self) -> SplitResult:
+        """The model, in evaluation mode, on the test set
+        (:func:`experiments.steps.make_evaluator`)."""
+        evaluate = make_evaluator(self.model, self.config.batch_size)
+        return evaluate(model_variables(self.state), self.dataset.test)
 
 
 @dataclasses.dataclass(frozen=True)

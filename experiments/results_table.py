@@ -243,11 +243,12 @@ def ensemble_table(runs: Sequence[Run], results: pathlib.Path) -> str | None:
     for path in paths:
         try:
             ensemble = json.loads(path.read_text())
-            members = [(member, by_name.get(member["run"])) for member in ensemble["members"]]
-            test = ensemble["test"]
+            members, test = ensemble["members"], ensemble["test"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"error: unreadable ensemble file {path}: {err!r}") from err
-        for member, run in members:
+        member_runs = []
+        for member in members:
+            run = by_name.get(member["run"])
             if (
                 run is None
                 or member["epoch"] != run.report["selection"]["epoch"]
@@ -258,7 +259,7 @@ def ensemble_table(runs: Sequence[Run], results: pathlib.Path) -> str | None:
                     f"accuracy {member['test_accuracy']}) is not a run under {results} at its "
                     "honest epoch"
                 )
-        member_runs = [run for _, run in members if run is not None]
+            member_runs.append(run)
         variants = " / ".join(sorted({run.variant for run in member_runs}))
         figures = " / ".join(sorted({run.test_figure for run in member_runs}))
         accuracies = [run.report["test"]["accuracy"] for run in member_runs]

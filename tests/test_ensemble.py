@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import CLASSES, make_dataset, tiny_config
 
-from experiments import ensemble, results_table, steps
+from experiments import ensemble, restore, results_table, steps
 from experiments import train as train_module
 from experiments.prediction.predictor import Predictor
 
@@ -112,7 +112,7 @@ def test_runs_that_cannot_be_averaged_are_named_in_one_line(
         evaluate = steps.make_evaluator(model, batch_size)
         return lambda variables, split: dataclasses.replace(evaluate(variables, split), diverged=2)
 
-    monkeypatch.setattr(ensemble, "make_evaluator", diverging_evaluator)
+    monkeypatch.setattr(restore, "make_evaluator", diverging_evaluator)
     epoch = json.loads((runs["seed0"] / "report.json").read_text())["selection"]["epoch"]
     assert ensemble.main([str(runs["seed0"]), "--output", str(output)]) == 2
     assert capsys.readouterr().err == (
